@@ -1,0 +1,331 @@
+"""Build a CLIP model (open_clip) with its tokenizer, input size and normalisation.
+
+MODEL.NAME picks the architecture: a built-in tiny config (random weights, for tests and demos)
+or an open_clip model name. MODEL.PRETRAINED is "" (seeded random init), a local checkpoint file
+or an open_clip tag (resolved from the local caches, downloaded only when online). MODEL.HF_HUB
+("hf-hub:org/name") takes precedence and is read from the local Hugging Face cache only.
+Every model comes back with its attention split into q/k/v/out Linears, in eval mode, frozen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+from torch import nn
+from yacs.config import CfgNode
+
+from fewclip.attention import split_attention
+
+INIT_SEED = 0  # random-init weights are drawn under this seed, so two builds are identical
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    # ViT 64x64, patch 8 (64 tokens + class token), 4 heads of 16; 3.4M parameters, 3.2M of them
+    # the text token embedding (open_clip's 49408-token vocabulary)
+    "tiny-vit": {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "image_size": 64,
+            "patch_size": 8,
+            "width": 64,
+            "layers": 2,
+            "head_width": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": 64,
+            "heads": 4,
+            "layers": 2,
+        },
+    },
+}
+
+
+@dataclass
+class ClipBundle:
+    model: nn.Module  # open_clip CLIP, attention split into q/k/v/out Linears, eval, frozen
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    identity: str  # architecture + weights: tag, file sha1, hub revision or seeded random init
+
+
+def build_clip(model_cfg: CfgNode) -> ClipBundle:
+    """Build the model named by a MODEL config node (NAME, PRETRAINED, HF_HUB)."""
+    if model_cfg.HF_HUB:
+        model, tokenizer, identity = _build_from_hub(model_cfg.HF_HUB)
+    else:
+        model, tokenizer, identity = _build_named(model_cfg.NAME, model_cfg.PRETRAINED)
+    split_attention(model)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    size = preprocess.get("size", 224)
+    if isinstance(size, (tuple, list)):
+        if len(set(size)) != 1:
+            raise ValueError(f"model {identity} has a non-square input size {tuple(size)}")
+        size = size[0]
+    return ClipBundle(
+        model=model,
+        tokenizer=tokenizer,
+        image_size=int(size),
+        mean=tuple(float(value) for value in preprocess.get("mean", OPENAI_DATASET_MEAN)),
+        std=tuple(float(value) for value in preprocess.get("std", OPENAI_DATASET_STD)),
+        identity=identity,
+    )
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    """Run `build` under a fixed seed without touching the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)
+        return build()
+
+
+def _build_named(name: str, pretrained: str) -> tuple[nn.Module, Callable, str]:
+    """Architecture from a tiny config or an open_clip name; weights from PRETRAINED."""
+    if name not in TINY_CONFIGS and name not in open_clip.list_models():
+        raise ValueError(
+            f"MODEL.NAME {name!r} is neither a built-in tiny config ({', '.join(TINY_CONFIGS)})"
+            " nor an open_clip model (see open_clip.list_models())"
+        )
+    preprocess: dict[str, Any] = {}
+    quick_gelu = False
+    checkpoint: Path | None = None
+    if pretrained and (os.path.isfile(pretrained) or _looks_like_path(pretrained)):
+        checkpoint = Path(pretrained).expanduser()
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"MODEL.PRETRAINED checkpoint {checkpoint} does not exist")
+    elif pretrained:
+        if name in TINY_CONFIGS:
+            raise ValueError(
+                f"MODEL.PRETRAINED {pretrained!r}: {name} has no tags; give a file path"
+            )
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ValueError(
+                f"MODEL.PRETRAINED {pretrained!r} is neither a file nor an open_clip tag of {name}"
+                f" (tags: {', '.join(tags) or 'none'})"
+            )
+        checkpoint = _resolve_tag(name, pretrained, tag_cfg)
+        preprocess, quick_gelu = tag_cfg, bool(tag_cfg.get("quick_gelu", False))
+    model = _seeded(lambda: _create_architecture(name, quick_gelu, preprocess))
+    if checkpoint is None:
+        identity = f"{name}:random-init(seed={INIT_SEED})"
+    else:
+        split_attention(model)  # checkpoints load in split form (fused in_proj keys are converted)
+        load_clip_weights(model, checkpoint)
+        if preprocess:  # a tag
+            identity = f"{name}:{pretrained}"
+        else:
+            identity = f"{name}:file-sha1={_file_sha1(checkpoint)}"
+    if name in TINY_CONFIGS:
+        tokenizer = SimpleTokenizer(context_length=TINY_CONFIGS[name]["text_cfg"]["context_length"])
+    else:
+        tokenizer = open_clip.get_tokenizer(name)
+    return model, tokenizer, identity
+
+
+def _create_architecture(name: str, quick_gelu: bool, preprocess: dict[str, Any]) -> nn.Module:
+    if name in TINY_CONFIGS:
+        config = TINY_CONFIGS[name]
+        model = open_clip.CLIP(**config, quick_gelu=quick_gelu)
+        size = config["vision_cfg"]["image_size"]
+        final = merge_preprocess_dict(PreprocessCfg(size=size), preprocess)
+        open_clip.model.set_model_preprocess_cfg(model, final)
+        return model
+    model = open_clip.create_model(
+        name, force_quick_gelu=quick_gelu, pretrained_image=False, pretrained_text=False
+    )
+    if preprocess:
+        final = merge_preprocess_dict(open_clip.get_model_preprocess_cfg(model), preprocess)
+        open_clip.model.set_model_preprocess_cfg(model, final)
+    return model
+
+
+def _resolve_tag(name: str, tag: str, tag_cfg: dict[str, Any]) -> Path:
+    """Local file of an open_clip tag: HF cache, then ~/.cache/clip; download only when online."""
+    hub = tag_cfg.get("hf_hub", "")
+    url = tag_cfg.get("url", "")
+    repo_id = "/".join(hub.split("/")[:2])
+    if hub:
+        filename = hub[len(repo_id) + 1 :] or "open_clip_pytorch_model.bin"
+        stem = filename.rsplit(".", 1)[0]
+        for candidate in (stem + ".safetensors", filename, "open_clip_model.safetensors"):
+            cached = _hub_cached_file(repo_id, candidate)
+            if cached is not None:
+                return cached
+    if url:
+        cached = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+        if cached.is_file():
+            return cached
+    if _offline():
+        fetch = (
+            f"run `huggingface-cli download {repo_id}` (into HF_HOME)" if hub else f"download {url}"
+        )
+        raise FileNotFoundError(
+            f"weights {name}/{tag} are not in the local cache ({_hub_cache_dir()}, ~/.cache/clip)"
+            f" and this machine is offline: on a machine with internet {fetch}, or set"
+            " MODEL.PRETRAINED to the checkpoint file"
+        )
+    return Path(open_clip.download_pretrained(tag_cfg))
+
+
+def _build_from_hub(hub_id: str) -> tuple[nn.Module, Callable, str]:
+    """An open_clip model published on the Hugging Face hub, read from the local cache only."""
+    if not hub_id.startswith("hf-hub:") or hub_id.count("/") != 1:
+        raise ValueError(f"MODEL.HF_HUB {hub_id!r} must look like 'hf-hub:org/name'")
+    repo_id = hub_id[len("hf-hub:") :]
+    config = _hub_cached_file(repo_id, "open_clip_config.json")
+    weights = [
+        path
+        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        if (path := _hub_cached_file(repo_id, filename)) is not None
+    ]
+    if config is None or not weights:
+        raise FileNotFoundError(
+            f"{hub_id} is not in the local Hugging Face cache ({_hub_cache_dir()}): on a machine"
+            f" with internet run `huggingface-cli download {repo_id}` and copy the cache, or set"
+            " HF_HOME"
+        )
+    snapshot = config.parent
+    try:
+        model = _seeded(
+            lambda: open_clip.create_model(
+                f"local-dir:{snapshot}",
+                load_weights=False,
+                pretrained_image=False,
+                pretrained_text=False,
+            )
+        )
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{snapshot}")
+    except Exception as error:  # the towers may need more hub files (e.g. a BERT config)
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise RuntimeError(f"cannot build {hub_id} from {snapshot}: {message}") from None
+    split_attention(model)
+    load_clip_weights(model, weights[0])
+    return model, tokenizer, f"{hub_id}@{snapshot.name}"
+
+
+def _hub_cache_dir() -> Path:
+    """The hub cache as the environment names it now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+def _hub_cached_file(repo_id: str, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=_hub_cache_dir())
+    return Path(found) if isinstance(found, str) else None
+
+
+def _offline() -> bool:
+    """True when downloads are switched off or huggingface.co cannot be reached within 3 s."""
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(key, "").lower() in ("1", "true", "yes", "on"):
+            return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _looks_like_path(value: str) -> bool:
+    suffixes = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
+    return os.sep in value or value.startswith(("~", ".")) or value.endswith(suffixes)
+
+
+def _file_sha1(path: Path, chunk_size: int = 1 << 24) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return f"{digest.hexdigest()}:size={path.stat().st_size}"
+
+
+def load_clip_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a full CLIP checkpoint into a model whose attention is split; strict on keys/shapes.
+
+    Accepts open_clip/OpenAI state dicts (.pt/.bin/.pth, TorchScript, .safetensors), wrapped in
+    {"state_dict": ...} and/or with "module." prefixes, with fused or split attention weights.
+    """
+    path = Path(path)
+    state = _split_fused_attention(_read_state_dict(path))
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    wrong_shape = [
+        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
+        for key, value in expected.items()
+        if key in state and state[key].shape != value.shape
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape", wrong_shape),
+        )
+        if keys
+    ]
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit this architecture: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            checkpoint: Any = load_file(str(path), device="cpu")
+        else:
+            try:
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            except RuntimeError:  # OpenAI's TorchScript archives
+                checkpoint = torch.jit.load(str(path), map_location="cpu").state_dict()
+    except Exception as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot read checkpoint {path}: {message}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ValueError(f"checkpoint {path} holds no state dict ({type(checkpoint).__name__})")
+    for key in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
+        checkpoint.pop(key, None)
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+
+
+def _split_fused_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`*.in_proj_weight/bias` (q, k, v stacked) -> `*.q_proj.weight`, `*.k_proj.weight`, ..."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if leaf in ("in_proj_weight", "in_proj_bias") and value.shape[0] % 3 == 0:
+            kind = "weight" if leaf == "in_proj_weight" else "bias"
+            for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0)):
+                converted[f"{prefix}.{part}_proj.{kind}"] = chunk.clone()
+        else:
+            converted[key] = value
+    return converted

@@ -1,0 +1,317 @@
+"""Configuration: core defaults, per-trainer/per-dataset nodes, YAML recipes with `_BASE_`, opts.
+
+Merge order (DESIGN.md): defaults -> trainer node -> dataset node -> dataset YAML -> recipe YAML ->
+`KEY VALUE` opts -> freeze. Unknown keys and wrong types fail here, before any data loads, with a
+one-line message naming the key (and close matches) or the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yacs.config import CfgNode
+
+from fewclip.registry import DATASETS, TRAINERS
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names it."""
+
+
+def get_cfg_defaults() -> CfgNode:
+    """Cross-cutting keys only; trainers and datasets attach their own nodes when selected."""
+    cfg = CfgNode()
+    cfg.OUTPUT_DIR = "output"  # root of run folders: <OUTPUT_DIR>/<dataset>/<trainer>/<recipe>/...
+    cfg.RUN_DIR = ""  # explicit run folder; empty = derived from OUTPUT_DIR and the cell's keys
+    cfg.RECIPE = "default"  # recipe name in the run folder path (set from the recipe file name)
+    cfg.SEED = 1  # training seed: initialisation, batch order, dropout (not which images are shots)
+    cfg.DEVICE = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
+    cfg.PRECISION = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32", "bf16"
+    cfg.CACHE_DIR = ".cache/fewclip"  # decoded images, features, generated datasets
+    cfg.PLUGINS = []  # Python files or folders imported before lookup (user datasets/trainers)
+    cfg.VERBOSE = False  # log per-step losses
+
+    cfg.MODEL = CfgNode()
+    cfg.MODEL.NAME = "tiny-vit"  # open_clip model name, or a built-in tiny config (tiny-vit)
+    cfg.MODEL.PRETRAINED = ""  # open_clip tag, local checkpoint file, or "" (random init)
+    cfg.MODEL.HF_HUB = ""  # "hf-hub:org/name" id resolved from the local Hugging Face cache
+
+    cfg.DATASET = CfgNode()
+    cfg.DATASET.NAME = "SyntheticMultiCenter"  # registered dataset class
+    cfg.DATASET.ROOT = ""  # data folder; "" = the dataset's default (generated data: CACHE_DIR)
+    cfg.DATASET.NUM_SHOTS = 4  # training images per class (per class and center, see SHOTS_PER)
+    cfg.DATASET.SPLIT_SEED = 1  # which images become the few shots and the val/test split
+    cfg.DATASET.SHOTS_PER = "class"  # "class" or "class_center"
+    cfg.DATASET.INSUFFICIENT_SHOTS = "error"  # class smaller than shots: "error" or "take_all"
+    cfg.DATASET.VAL_SHOTS = 4  # validation images per class (0 = the whole validation split)
+    cfg.DATASET.VAL_FRACTION = (
+        0.2  # share of each class held out for validation (no official split)
+    )
+    cfg.DATASET.TEST_FRACTION = 0.3  # share of each class held out for testing (no official split)
+    cfg.DATASET.SOURCE_CENTERS = []  # centers to train and test in-domain on; empty = all
+    cfg.DATASET.TARGET_CENTERS = []  # external centers evaluated separately (all their images)
+    cfg.DATASET.POSITIVE_CLASSES = []  # class names of the positive side of the binary view
+    cfg.DATASET.PROMPT_FILE = ""  # YAML of per-class prompts; "" = the dataset's own
+    cfg.DATASET.CLASS_NAMES = []  # class folder names in label order (generic datasets)
+    cfg.DATASET.CENTERS = []  # center folder names (generic datasets); empty = discover
+    cfg.DATASET.SKIP_UNREADABLE = False  # skip (and count) unreadable images instead of failing
+    cfg.DATASET.SPLIT_DIR = ""  # where split files go; "" = <OUTPUT_DIR>/splits
+
+    cfg.INPUT = CfgNode()
+    cfg.INPUT.AUGMENT = "crop_flip"  # training augmentation: "crop_flip" or "none"
+    cfg.INPUT.CROP_SCALE = (0.5, 1.0)  # RandomResizedCrop scale range
+
+    cfg.LORA = CfgNode()
+    cfg.LORA.ENCODER = "vision"  # "vision", "text" or "both"
+    cfg.LORA.LAYERS = []  # block indices; empty = all blocks (see TOP_K)
+    cfg.LORA.TOP_K = 0  # if > 0 and LAYERS empty: only the last TOP_K blocks
+    cfg.LORA.TARGETS = ["q", "k", "v", "out"]  # any of q, k, v, out, mlp
+    cfg.LORA.RANK = 2  # LoRA rank r
+    cfg.LORA.ALPHA = 1.0  # LoRA alpha (scaling = alpha / r)
+    cfg.LORA.DROPOUT = 0.25  # dropout on the LoRA input
+    cfg.LORA.TEXT_RANK = 0  # rank for the text encoder when ENCODER=both; 0 = RANK
+
+    cfg.OPTIM = CfgNode()
+    cfg.OPTIM.LR = 2e-4  # peak learning rate (AdamW)
+    cfg.OPTIM.WEIGHT_DECAY = 1e-2  # AdamW weight decay (not applied to norms, biases, scales)
+    cfg.OPTIM.MIN_LR = 1e-6  # cosine schedule floor
+    cfg.OPTIM.WARMUP_ITERS = 0  # linear warm-up iterations
+    cfg.OPTIM.ITERS_PER_SHOT = 50  # iterations = ITERS_PER_SHOT x NUM_SHOTS (as CLIP-LoRA)
+    cfg.OPTIM.MAX_ITERS = 0  # if > 0, overrides ITERS_PER_SHOT
+    cfg.OPTIM.BATCH_SIZE = 32  # training batch size
+    cfg.OPTIM.GRAD_CLIP = 0.0  # max gradient norm; 0 = off
+
+    cfg.EVAL = CfgNode()
+    cfg.EVAL.BATCH_SIZE = 256  # evaluation batch size
+    cfg.EVAL.VAL_EVERY = 0  # validate every N iterations (0 = only at the end)
+    cfg.EVAL.SELECT = "last"  # "last" or "best_val": which weights are tested (never the test set)
+    cfg.EVAL.ECE_BINS = 15  # bins of the expected calibration error
+
+    cfg.TRAINER = CfgNode()
+    cfg.TRAINER.NAME = "CLIPLoRA"  # registered trainer class
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", error)
+        raise ConfigError(f"YAML syntax error in {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} must hold a mapping of keys, not {type(data).__name__}"
+        )
+    return data
+
+
+def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file, merging it over the files named in its `_BASE_` (str or list, relative)."""
+    path = Path(path).resolve()
+    if path in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"_BASE_ cycle: {cycle}")
+    data = _read_yaml(path)
+    bases = data.pop("_BASE_", [])
+    merged: dict[str, Any] = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        _deep_update(merged, load_yaml_with_base(path.parent / base, (*_chain, path)))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for key, value in other.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_update(into[key], value)
+        else:
+            into[key] = value
+
+
+def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
+    """Match `value` to the type of the default; ints widen to floats, tuples and lists convert."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(default, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(default, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return type(default)(value)
+        if isinstance(value, (str, int, float)):
+            return type(default)([value])
+    elif default is None:
+        return value
+    raise ConfigError(
+        f"wrong type for {key} in {source}: expected {type(default).__name__} "
+        f"(like {default!r}), got {type(value).__name__} {value!r}"
+    )
+
+
+def _unknown_key(key: str, node: CfgNode, prefix: str, source: str) -> ConfigError:
+    options = [prefix + name for name in node]
+    close = difflib.get_close_matches(prefix + key, options, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"unknown config key {prefix + key} in {source}{hint}")
+
+
+def merge_dict(cfg: CfgNode, data: dict[str, Any], source: str, prefix: str = "") -> None:
+    """Merge a nested dict into `cfg`; every key must exist in the defaults."""
+    for key, value in data.items():
+        if key not in cfg:
+            raise _unknown_key(key, cfg, prefix, source)
+        if isinstance(cfg[key], CfgNode):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix + key} in {source} must be a mapping of keys")
+            merge_dict(cfg[key], value, source, prefix + key + ".")
+        else:
+            cfg[key] = _coerce(value, cfg[key], prefix + key, source)
+
+
+def _parse_opt_value(raw: str, default: Any) -> Any:
+    """CLI values: literals where the default is not a string (so '1e-3' is a float, '3' an int).
+
+    Lists take `[a, b]` or `a,b`; a list of strings keeps numeric-looking names as strings.
+    """
+    if isinstance(default, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        elif not isinstance(value, (list, tuple)):
+            value = [value]
+        if default and isinstance(default[0], str):
+            value = [str(item) for item in value]
+    return value
+
+
+def opts_to_dict(opts: Sequence[str], cfg: CfgNode) -> dict[str, Any]:
+    """`["OPTIM.LR", "1e-3", ...]` -> nested dict, typed against the defaults in `cfg`."""
+    if len(opts) % 2:
+        raise ConfigError(f"opts must be KEY VALUE pairs; {opts[-1]!r} has no value")
+    nested: dict[str, Any] = {}
+    for full_key, raw in zip(opts[0::2], opts[1::2]):
+        node, parts = cfg, full_key.split(".")
+        for index, part in enumerate(parts):
+            if not isinstance(node, CfgNode) or part not in node:
+                parent = ".".join(parts[:index])
+                prefix = parent + "." if parent else ""
+                raise _unknown_key(
+                    part,
+                    node if isinstance(node, CfgNode) else CfgNode(),
+                    prefix,
+                    "command-line opts",
+                )
+            node = node[part]
+        target = nested
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = _parse_opt_value(str(raw), node)
+    return nested
+
+
+def _peek(key: str, sources: list[dict[str, Any]], default: str) -> str:
+    section, name = key.split(".")
+    value = default
+    for data in sources:
+        value = (
+            data.get(section, {}).get(name, value) if isinstance(data.get(section), dict) else value
+        )
+    return str(value)
+
+
+def build_config(
+    recipe: str | Path | None = None,
+    dataset_config: str | Path | None = None,
+    opts: Sequence[str] = (),
+    freeze: bool = True,
+) -> CfgNode:
+    """Resolve one run's config in the documented order and return it frozen."""
+    cfg = get_cfg_defaults()
+    files: list[tuple[str, dict[str, Any]]] = []
+    if dataset_config:
+        files.append((str(dataset_config), load_yaml_with_base(dataset_config)))
+    if recipe:
+        files.append((str(recipe), load_yaml_with_base(recipe)))
+    raw_opts = {full_key: raw for full_key, raw in zip(opts[0::2], opts[1::2])}
+    peek_sources = [data for _, data in files]
+    plugins = list(cfg.PLUGINS)
+    for data in peek_sources:
+        plugins = list(data.get("PLUGINS", plugins))
+    if "PLUGINS" in raw_opts:
+        plugins = _parse_opt_value(raw_opts["PLUGINS"], [])
+    if plugins:
+        from fewclip.registry import load_plugins
+
+        load_plugins(plugins)
+    import datasets  # noqa: F401  (fills the registries)
+    import trainers  # noqa: F401
+
+    trainer_name = raw_opts.get(
+        "TRAINER.NAME", _peek("TRAINER.NAME", peek_sources, cfg.TRAINER.NAME)
+    )
+    dataset_name = raw_opts.get(
+        "DATASET.NAME", _peek("DATASET.NAME", peek_sources, cfg.DATASET.NAME)
+    )
+    attach_nodes(cfg, trainer_name, dataset_name)
+    for source, data in files:
+        merge_dict(cfg, data, source)
+    if recipe and "RECIPE" not in files[-1][1] and "RECIPE" not in raw_opts:
+        cfg.RECIPE = Path(recipe).stem
+    merge_dict(cfg, opts_to_dict(list(opts), cfg), "command-line opts")
+    if cfg.TRAINER.NAME != trainer_name or cfg.DATASET.NAME != dataset_name:
+        raise ConfigError(
+            "TRAINER.NAME and DATASET.NAME must be set at top level of a file or in opts"
+        )
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def attach_nodes(cfg: CfgNode, trainer_name: str, dataset_name: str) -> None:
+    """Attach the selected trainer's node at TRAINER.<KEY> and the dataset's at DATASET.<KEY>."""
+    trainer_cls = TRAINERS.get(trainer_name)
+    dataset_cls = DATASETS.get(dataset_name)
+    cfg.TRAINER.NAME = trainer_cls.__name__
+    cfg.DATASET.NAME = dataset_cls.__name__
+    for parent, cls in ((cfg.TRAINER, trainer_cls), (cfg.DATASET, dataset_cls)):
+        node = cls.config_node() if hasattr(cls, "config_node") else None
+        if node is not None:
+            parent[cls.config_key()] = node
+
+
+def config_to_dict(cfg: CfgNode) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for JSON."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, CfgNode):
+            out[key] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[key] = list(value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,241 @@
+"""Dataset protocol: `Item`, `DatasetBase` (validation, prompts, summary) and image loading.
+
+A dataset file subclasses `DatasetBase` and implements `load_items()`, which parses the on-disk
+layout into class names and items; everything else (checks, prompts, positive classes, the
+summary) lives here so every dataset behaves the same.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from yacs.config import CfgNode
+
+from fewclip.prompts import PromptSet, build_default_prompts, load_prompt_file
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMPT_DIR = REPO_ROOT / "configs" / "prompts"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+DEFAULT_CENTER = "default"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as is; the message names the class, center, file or key."""
+
+
+class ImageError(ValueError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str  # absolute path of the image
+    label: int  # index into dataset.class_names
+    class_name: str
+    center: str = DEFAULT_CENTER
+    group: str = ""  # patient / slide / field-of-view id; "" = none
+    split: str = ""  # official split: "train", "val", "test" or ""
+    mask: str = ""  # optional region-of-interest mask image path
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside `folder` (no recursion, no hidden files), sorted by name."""
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if entry.is_file()
+        and not entry.name.startswith(".")
+        and entry.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def collect_items(
+    root: Path, class_names: list[str], centers: list[str] | None = None
+) -> list[Item]:
+    """Items of `root/<class>/*` (centers None) or `root/<center>/<class>/*`.
+
+    A class folder missing in a center yields no items there (DatasetBase then names the class
+    and centers); a class folder that exists but holds no images is an error naming the folder.
+    """
+    items = []
+    for center in centers if centers is not None else [None]:
+        base = root / center if center is not None else root
+        for label, name in enumerate(class_names):
+            folder = base / name
+            if not folder.is_dir():
+                continue
+            files = list_images(folder)
+            if not files:
+                raise DatasetError(
+                    f"class {name!r} folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                )
+            for file in files:
+                items.append(Item(str(file), label, name, center or DEFAULT_CENTER))
+    return items
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale a high-bit-depth grey image to 0..255 by the smallest bit depth that holds its max.
+
+    A 12-bit scan (max < 4096) is divided by 4095, a full 16-bit one by 65535, so images of one
+    scanner keep their relative brightness; float images in [0, 1] are scaled by 255.
+    """
+    is_float = np.issubdtype(array.dtype, np.floating)
+    array = np.clip(array.astype(np.float64), 0, None)
+    peak = float(array.max()) if array.size else 0.0
+    if is_float and 0 < peak <= 1.0:
+        scale = 1.0
+    elif peak <= 255:
+        scale = 255.0
+    else:
+        bits = next(b for b in (10, 12, 14, 16, 24, 32) if peak < 2**b)
+        scale = float(2**bits - 1)
+    return np.round(array / scale * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image as 8-bit RGB; grey, palette, alpha (over white) and 16-bit modes convert.
+
+    Raises `ImageError` naming the file when it is missing, empty, truncated or not an image.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = image.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                grey = _to_uint8(np.asarray(image))
+                return Image.fromarray(grey, mode="L").convert("RGB")
+            if mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")
+                mode = "RGBA"
+            if mode in ("RGBA", "LA", "PA"):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(background, rgba).convert("RGB")
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ImageError(f"cannot read image {path}: {reason}") from None
+
+
+def resolve_prompt_path(name: str) -> Path:
+    """A prompt file: absolute, relative to the working folder, or inside configs/prompts/."""
+    path = Path(name).expanduser()
+    if path.is_absolute() or path.is_file():
+        return path
+    return PROMPT_DIR / name
+
+
+class DatasetBase:
+    """Base of registered datasets. Subclasses implement `load_items()`.
+
+    Attributes after construction: `root`, `class_names`, `items` (sorted by path), `centers`
+    (sorted), `positive_classes` (names), `prompts` (PromptSet).
+    """
+
+    default_prompt_file: str = ""  # inside configs/prompts/; "" = prompts from class names
+    default_positive_classes: tuple[str, ...] = ()
+
+    def __init__(self, cfg: CfgNode) -> None:
+        self.cfg = cfg
+        self.name = type(self).__name__
+        self.root = self.resolve_root()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset root {self.root} does not exist (DATASET.ROOT)")
+        class_names, items = self.load_items()
+        self.class_names = list(class_names)
+        self.items = sorted(items, key=lambda item: item.path)
+        self.centers = sorted({item.center for item in self.items})
+        self._validate()
+        self.positive_classes = self._positive_classes()
+        self.prompts = self._load_prompts()
+
+    # --- for subclasses -------------------------------------------------------------------
+    def resolve_root(self) -> Path:
+        """The data folder; default: DATASET.ROOT (required)."""
+        root = self.cfg.DATASET.ROOT
+        if not root:
+            raise DatasetError(f"DATASET.ROOT is empty; {self.name} needs the data folder")
+        return Path(os.path.abspath(Path(root).expanduser()))
+
+    def load_items(self) -> tuple[list[str], list[Item]]:
+        """Parse the layout under `self.root` into (class names in label order, items)."""
+        raise NotImplementedError(f"{self.name} must implement load_items()")
+
+    @property
+    def split_key(self) -> str:
+        """Folder name of this dataset's split files (tells datasets of one class apart)."""
+        return f"{self.name}_{self.root.name}"
+
+    # --- shared behaviour -----------------------------------------------------------------
+    def _validate(self) -> None:
+        if not self.class_names:
+            raise DatasetError(f"{self.name} found no classes under {self.root}")
+        duplicates = [name for name, n in Counter(self.class_names).items() if n > 1]
+        if duplicates:
+            raise DatasetError(f"{self.name}: class names repeated: {', '.join(duplicates)}")
+        counts = self.count_table()
+        for name in self.class_names:
+            present = [c for c in self.centers if counts[c][name] > 0]
+            if not present:
+                raise DatasetError(f"class {name!r} has no images under {self.root}")
+            absent = [c for c in self.centers if counts[c][name] == 0]
+            if absent:
+                raise DatasetError(
+                    f"class {name!r} has images in centers {', '.join(present)} but none in "
+                    f"{', '.join(absent)} (under {self.root})"
+                )
+        for item in self.items:
+            if not 0 <= item.label < len(self.class_names) or (
+                self.class_names[item.label] != item.class_name
+            ):
+                raise DatasetError(
+                    f"item {item.path} has label {item.label} != {item.class_name!r}"
+                )
+
+    def _positive_classes(self) -> list[str]:
+        names = list(self.cfg.DATASET.POSITIVE_CLASSES) or list(self.default_positive_classes)
+        unknown = [name for name in names if name not in self.class_names]
+        if unknown:
+            raise DatasetError(
+                f"DATASET.POSITIVE_CLASSES names unknown classes {', '.join(unknown)}; "
+                f"classes are {', '.join(self.class_names)}"
+            )
+        return names
+
+    def _load_prompts(self) -> PromptSet:
+        name = self.cfg.DATASET.PROMPT_FILE or self.default_prompt_file
+        if not name:
+            return build_default_prompts(self.class_names)
+        return load_prompt_file(resolve_prompt_path(name), self.class_names)
+
+    def count_table(self) -> dict[str, Counter]:
+        """center -> Counter(class name -> number of images)."""
+        table: dict[str, Counter] = {center: Counter() for center in self.centers}
+        for item in self.items:
+            table[item.center][item.class_name] += 1
+        return table
+
+    def describe(self) -> str:
+        """A text table of image counts per class (rows) and center (columns)."""
+        counts = self.count_table()
+        width = max(len(name) for name in [*self.class_names, "total", "class"])
+        columns = [*self.centers, "total"]
+        widths = [max(len(column), 6) for column in columns]
+        lines = [f"{self.name} at {self.root}: {len(self.items)} images"]
+        lines.append(
+            "  ".join([f"{'class':<{width}}"] + [f"{c:>{w}}" for c, w in zip(columns, widths)])
+        )
+        for name in [*self.class_names, "total"]:
+            if name == "total":
+                values = [sum(counts[c].values()) for c in self.centers]
+            else:
+                values = [counts[c][name] for c in self.centers]
+            cells = [f"{v:>{w}}" for v, w in zip([*values, sum(values)], widths)]
+            lines.append("  ".join([f"{name:<{width}}", *cells]))
+        return "\n".join(lines)

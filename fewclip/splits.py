@@ -1,0 +1,365 @@
+"""Few-shot splits: which images train, validate and test one run, saved as a reusable JSON file.
+
+The val/test partition depends on the split seed only (not on the number of shots), so every
+shot count of one seed is tested on the same images; the k shots of a class are the first k of a
+per-class shuffle, so smaller shot sets are subsets of larger ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from yacs.config import CfgNode
+
+from fewclip.config import get_cfg_defaults
+from fewclip.data import DatasetBase, DatasetError, Item
+
+SPLIT_FORMAT = 1
+OPTION_KEYS = (
+    "SHOTS_PER",
+    "INSUFFICIENT_SHOTS",
+    "VAL_SHOTS",
+    "VAL_FRACTION",
+    "TEST_FRACTION",
+    "SOURCE_CENTERS",
+    "TARGET_CENTERS",
+)
+
+
+class SplitError(DatasetError):
+    """A split that cannot be drawn or a split file that no longer fits the dataset."""
+
+
+@dataclass
+class Split:
+    train: list[Item]
+    val: list[Item]
+    test: list[Item]
+    targets: dict[str, list[Item]]  # target center -> all its items
+    path: Path  # the split file
+    sha1: str  # sha1 of the split file's bytes
+
+
+def _shuffled(items: Sequence[Item], seed: int, key: str) -> list[Item]:
+    """Items sorted by path, then shuffled by a generator seeded from (seed, key) only.
+
+    A string seed is hashed with SHA-512 by `random.Random`, independent of PYTHONHASHSEED.
+    """
+    ordered = sorted(items, key=lambda item: item.path)
+    random.Random(f"{seed}:{key}").shuffle(ordered)
+    return ordered
+
+
+def sample_few_shot(
+    items: Sequence[Item],
+    num_shots: int,
+    seed: int,
+    per: str = "class",
+    insufficient: str = "error",
+) -> list[Item]:
+    """`num_shots` items per class (per="class") or per class and center (per="class_center").
+
+    The result depends on (items, num_shots, seed) only, not on the input order. A class with
+    fewer items than `num_shots` raises `SplitError` naming it (insufficient="error") or gives
+    all its items (insufficient="take_all"). Returned sorted by (label, center, path).
+    """
+    if per not in ("class", "class_center"):
+        raise SplitError(f"DATASET.SHOTS_PER must be 'class' or 'class_center', not {per!r}")
+    if insufficient not in ("error", "take_all"):
+        raise SplitError(
+            f"DATASET.INSUFFICIENT_SHOTS must be 'error' or 'take_all', not {insufficient!r}"
+        )
+    if num_shots < 0:
+        raise SplitError(f"number of shots must be >= 0, got {num_shots}")
+    strata: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    for item in items:
+        strata[(item.class_name, item.center if per == "class_center" else "")].append(item)
+    chosen: list[Item] = []
+    for (class_name, center), members in sorted(strata.items()):
+        if len(members) < num_shots and insufficient == "error":
+            where = f" in center {center!r}" if center else ""
+            raise SplitError(
+                f"class {class_name!r}{where} has {len(members)} training images, fewer than "
+                f"{num_shots} shots (lower DATASET.NUM_SHOTS or set "
+                "DATASET.INSUFFICIENT_SHOTS take_all)"
+            )
+        chosen.extend(_shuffled(members, seed, f"{class_name}/{center}")[:num_shots])
+    return sorted(chosen, key=lambda item: (item.label, item.center, item.path))
+
+
+def partition_groups(
+    items: Sequence[Item], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[Item], list[Item], list[Item]]:
+    """Split items into (train, val, test), keeping each group (Item.group) in one part.
+
+    Items without a group are their own group. Groups are stratified by the (majority label,
+    majority center) of their items; in each stratum `round(n * fraction)` groups go to test and
+    to val (at least one each when the fraction > 0 and the stratum has 3 or more groups), and
+    train keeps at least one group.
+    """
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise SplitError(
+            f"DATASET.VAL_FRACTION ({val_fraction}) and TEST_FRACTION ({test_fraction}) must be "
+            ">= 0 and sum to less than 1"
+        )
+    groups: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        groups[item.group or f"item:{item.path}"].append(item)
+    strata: dict[tuple[int, str], list[str]] = defaultdict(list)
+    for name, members in groups.items():
+        label = min(Counter(m.label for m in members).most_common(), key=lambda x: (-x[1], x[0]))[0]
+        center = min(Counter(m.center for m in members).most_common(), key=lambda x: (-x[1], x[0]))[
+            0
+        ]
+        strata[(label, center)].append(name)
+    parts: tuple[list[Item], list[Item], list[Item]] = ([], [], [])
+    for (label, center), names in sorted(strata.items()):
+        names = sorted(names)
+        random.Random(f"{seed}:partition:{label}/{center}").shuffle(names)
+        count = len(names)
+        sizes = [round(count * test_fraction), round(count * val_fraction)]
+        for index, fraction in enumerate((test_fraction, val_fraction)):
+            if fraction > 0 and sizes[index] == 0 and count >= 3:
+                sizes[index] = 1
+        while sizes[0] + sizes[1] >= count and sizes[0] + sizes[1] > 0:
+            sizes[0 if sizes[0] >= sizes[1] else 1] -= 1
+        test_names, val_names = names[: sizes[0]], names[sizes[0] : sizes[0] + sizes[1]]
+        for part, chosen in ((parts[2], test_names), (parts[1], val_names)):
+            for name in chosen:
+                part.extend(groups[name])
+        for name in names[sizes[0] + sizes[1] :]:
+            parts[0].extend(groups[name])
+    return tuple(sorted(part, key=lambda item: item.path) for part in parts)  # type: ignore[return-value]
+
+
+def choose_centers(dataset: DatasetBase, cfg: CfgNode) -> tuple[list[str], list[str]]:
+    """(source centers, target centers) from DATASET.SOURCE_CENTERS / TARGET_CENTERS."""
+    sources, targets = list(cfg.DATASET.SOURCE_CENTERS), list(cfg.DATASET.TARGET_CENTERS)
+    for key, names in (("SOURCE_CENTERS", sources), ("TARGET_CENTERS", targets)):
+        unknown = [name for name in names if name not in dataset.centers]
+        if unknown:
+            raise SplitError(
+                f"DATASET.{key} names centers {', '.join(unknown)} that {dataset.name} does not "
+                f"have; its centers are {', '.join(dataset.centers)}"
+            )
+    both = sorted(set(sources) & set(targets))
+    if both:
+        raise SplitError(f"centers {', '.join(both)} are in both SOURCE_CENTERS and TARGET_CENTERS")
+    sources = sources or [center for center in dataset.centers if center not in targets]
+    if not sources:
+        raise SplitError("every center is a target center; no center is left to train on")
+    return sources, targets
+
+
+def draw_split(
+    dataset: DatasetBase, cfg: CfgNode
+) -> tuple[list[Item], list[Item], list[Item], dict[str, list[Item]]]:
+    """(train, val, test, targets) for the config; official splits are used when present."""
+    data = cfg.DATASET
+    sources, targets = choose_centers(dataset, cfg)
+    source_items = [item for item in dataset.items if item.center in sources]
+    official = [item for item in source_items if item.split]
+    if official and len(official) != len(source_items):
+        raise SplitError(
+            f"{dataset.name}: {len(source_items) - len(official)} source images have no official "
+            "split while others have one; give every image a split or none"
+        )
+    if official:
+        pool = [item for item in source_items if item.split == "train"]
+        val_pool = [item for item in source_items if item.split == "val"]
+        test = [item for item in source_items if item.split == "test"]
+        if not val_pool:  # no official validation: carve it out of the training part
+            pool, val_pool, _ = partition_groups(pool, data.VAL_FRACTION, 0.0, data.SPLIT_SEED)
+    else:
+        pool, val_pool, test = partition_groups(
+            source_items, data.VAL_FRACTION, data.TEST_FRACTION, data.SPLIT_SEED
+        )
+    empty = [name for name in dataset.class_names if not any(i.class_name == name for i in pool)]
+    if empty and data.NUM_SHOTS > 0:
+        raise SplitError(
+            f"classes {', '.join(empty)} have no training images in source centers "
+            f"{', '.join(sources)} (check the official split or DATASET.SOURCE_CENTERS)"
+        )
+    train = sample_few_shot(
+        pool, data.NUM_SHOTS, data.SPLIT_SEED, data.SHOTS_PER, data.INSUFFICIENT_SHOTS
+    )
+    if data.VAL_SHOTS > 0:
+        val = sample_few_shot(val_pool, data.VAL_SHOTS, data.SPLIT_SEED, "class", "take_all")
+    else:
+        val = sorted(val_pool, key=lambda item: (item.label, item.center, item.path))
+    target_items = {c: [item for item in dataset.items if item.center == c] for c in targets}
+    return train, val, sorted(test, key=lambda item: item.path), target_items
+
+
+def compute_items_hash(items: Sequence[Item], root: Path, class_names: Sequence[str]) -> str:
+    """sha1 of the class names and the sorted (relative path, label, center, group, split) lines."""
+    lines = sorted(
+        "\t".join(
+            [_relative(item.path, root), str(item.label), item.center, item.group, item.split]
+        )
+        for item in items
+    )
+    return hashlib.sha1("\n".join(["\t".join(class_names), *lines]).encode()).hexdigest()
+
+
+def _relative(path: str, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def split_options(cfg: CfgNode) -> dict:
+    """The config values besides shots and seed that change which images a split holds."""
+    return {
+        key.lower(): list(cfg.DATASET[key])
+        if isinstance(cfg.DATASET[key], (list, tuple))
+        else cfg.DATASET[key]
+        for key in OPTION_KEYS
+    }
+
+
+def split_file_path(dataset: DatasetBase, cfg: CfgNode) -> Path:
+    """`<SPLIT_DIR or OUTPUT_DIR/splits>/<dataset>/shots_<k>_seed_<s>[_<options hash>].json`.
+
+    The hash suffix appears when the options of `split_options` differ from the core defaults.
+    """
+    folder = Path(cfg.DATASET.SPLIT_DIR or Path(cfg.OUTPUT_DIR) / "splits").expanduser()
+    folder = Path(os.path.abspath(folder)) / dataset.split_key
+    if folder.resolve().is_relative_to(dataset.root.resolve()):
+        raise SplitError(
+            f"split folder {folder} is inside the data folder {dataset.root}; "
+            "set DATASET.SPLIT_DIR or OUTPUT_DIR elsewhere"
+        )
+    name = f"shots_{cfg.DATASET.NUM_SHOTS}_seed_{cfg.DATASET.SPLIT_SEED}"
+    options = split_options(cfg)
+    if options != split_options(get_cfg_defaults()):
+        name += "_" + hashlib.sha1(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return folder / f"{name}.json"
+
+
+def _dump(value: object, indent: int = 0) -> str:
+    """Deterministic JSON: sorted keys, one [path, label] entry per line."""
+    pad, inner = " " * indent, " " * (indent + 2)
+    if isinstance(value, dict) and value:
+        body = ",\n".join(
+            f"{inner}{json.dumps(k)}: {_dump(value[k], indent + 2)}" for k in sorted(value)
+        )
+        return "{\n" + body + "\n" + pad + "}"
+    if isinstance(value, list) and value and isinstance(value[0], list):
+        body = ",\n".join(inner + json.dumps(entry) for entry in value)
+        return "[\n" + body + "\n" + pad + "]"
+    return json.dumps(value, sort_keys=True)
+
+
+def write_split_file(
+    path: Path,
+    dataset: DatasetBase,
+    cfg: CfgNode,
+    train: list[Item],
+    val: list[Item],
+    test: list[Item],
+    targets: dict[str, list[Item]],
+) -> None:
+    """Write the split atomically (temporary file + os.replace); same inputs, same bytes."""
+
+    def entries(items: list[Item]) -> list[list]:
+        return [[_relative(item.path, dataset.root), item.label] for item in items]
+
+    content = {
+        "format": SPLIT_FORMAT,
+        "dataset": dataset.name,
+        "class_names": list(dataset.class_names),
+        "centers": list(dataset.centers),
+        "items_hash": compute_items_hash(dataset.items, dataset.root, dataset.class_names),
+        "num_shots": int(cfg.DATASET.NUM_SHOTS),
+        "split_seed": int(cfg.DATASET.SPLIT_SEED),
+        "options": split_options(cfg),
+        "train": entries(train),
+        "val": entries(val),
+        "test": entries(test),
+        "targets": {center: entries(items) for center, items in targets.items()},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary.write_text(_dump(content) + "\n")
+    os.replace(temporary, path)
+
+
+def load_split_file(path: Path, dataset: DatasetBase, cfg: CfgNode) -> Split:
+    """Read a split file and check it still fits the dataset and the config."""
+    raw = path.read_bytes()
+    try:
+        content = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise SplitError(f"split file {path} is not valid JSON: {error}") from None
+    if content.get("class_names") != list(dataset.class_names):
+        raise SplitError(
+            f"split file {path} was drawn for classes {content.get('class_names')}, "
+            f"the dataset has {dataset.class_names}; delete the file to draw a new split"
+        )
+    if content.get("items_hash") != compute_items_hash(
+        dataset.items, dataset.root, dataset.class_names
+    ):
+        raise SplitError(
+            f"the dataset folder {dataset.root} changed since the split {path} was "
+            "drawn; restore the data or delete the split file to draw a new one"
+        )
+    expected = {
+        "num_shots": cfg.DATASET.NUM_SHOTS,
+        "split_seed": cfg.DATASET.SPLIT_SEED,
+        "options": split_options(cfg),
+    }
+    for key, value in expected.items():
+        if content.get(key) != value:
+            raise SplitError(
+                f"split file {path} has {key} {content.get(key)!r}, config has {value!r}"
+            )
+    by_path = {_relative(item.path, dataset.root): item for item in dataset.items}
+
+    def items_of(entries: list, part: str) -> list[Item]:
+        found = []
+        for relative, label in entries:
+            item = by_path.get(relative)
+            if item is None:
+                state = (
+                    "is not in the dataset"
+                    if (dataset.root / relative).is_file()
+                    else "does not exist"
+                )
+                raise SplitError(
+                    f"split file {path} ({part}) references image {relative}, which {state}"
+                )
+            if item.label != label:
+                raise SplitError(
+                    f"split file {path} ({part}) gives {relative} label {label}, "
+                    f"the dataset says {item.label} ({item.class_name})"
+                )
+            found.append(item)
+        return found
+
+    targets = {
+        center: items_of(entries, f"target {center}")
+        for center, entries in content["targets"].items()
+    }
+    return Split(
+        train=items_of(content["train"], "train"),
+        val=items_of(content["val"], "val"),
+        test=items_of(content["test"], "test"),
+        targets=targets,
+        path=path,
+        sha1=hashlib.sha1(raw).hexdigest(),
+    )
+
+
+def build_split(dataset: DatasetBase, cfg: CfgNode) -> Split:
+    """The run's split: read from its split file when it exists, else drawn, written and read."""
+    path = split_file_path(dataset, cfg)
+    if not path.is_file():
+        write_split_file(path, dataset, cfg, *draw_split(dataset, cfg))
+    return load_split_file(path, dataset, cfg)

@@ -1,0 +1,307 @@
+"""The trainer base: one training loop for every method; methods say only what they add.
+
+A trainer subclass registers itself, may declare its own config node, builds its modules in
+`build()`, returns a dict of named losses from `compute_losses` and class logits from
+`compute_logits`. The loop (here) owns the step, the schedule, validation and selection.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode
+
+from fewclip.backbones import ClipBundle
+from fewclip.features import (
+    autocast_context,
+    compute_feature_key,
+    compute_text_features,
+    encode_image_array,
+    load_or_compute_features,
+)
+from fewclip.images import augment_batch, to_model_input
+from fewclip.registry import SAMPLERS
+from fewclip.samplers import iterate_batches
+
+LOGGER = logging.getLogger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """The loss became NaN or inf; `step` says when."""
+
+    def __init__(self, step: int, losses: dict[str, float]) -> None:
+        super().__init__(f"loss is not finite at step {step}: {losses}")
+        self.step = step
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split: uint8 (N, H, W, 3), labels (N,), centers (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    centers: list[str]
+    paths: list[str] = field(default_factory=list)
+    key: str = ""  # cache key of the decoded images ("" = not cached)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def compute_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine from 1 to `min_ratio` over the remaining steps (per iteration)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norms, scales, prototypes' temperature do not."""
+    decay, no_decay, seen = [], [], set()
+    for name, param in named:
+        if id(param) in seen:  # a parameter shared by two modules goes in once
+            continue
+        seen.add(id(param))
+        skip = param.ndim < 2 or "logit_scale" in name or name.endswith(".bias") or "norm" in name
+        (no_decay if skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class TrainerBase(abc.ABC):
+    """Shared state and loop. Subclasses override `build`, `compute_losses`, `compute_logits`."""
+
+    trains = True  # False for methods with nothing to train (zero-shot)
+    frozen_image_encoder = False  # True when image features can be cached across runs
+
+    @classmethod
+    def config_key(cls) -> str:
+        return cls.__name__.upper()
+
+    @classmethod
+    def config_node(cls) -> CfgNode | None:
+        return None
+
+    def __init__(
+        self, cfg: CfgNode, bundle: ClipBundle, dataset: Any, device: torch.device
+    ) -> None:
+        self.cfg = cfg
+        self.bundle = bundle
+        self.device = device
+        self.class_names: list[str] = list(dataset.class_names)
+        self.prompts = dataset.prompts
+        self.node = cfg.TRAINER.get(self.config_key())
+        torch.manual_seed(cfg.SEED)
+        self.generator = torch.Generator().manual_seed(cfg.SEED)
+        self.network = nn.ModuleDict({"clip": bundle.model})
+        for param in self.network.parameters():
+            param.requires_grad_(False)
+        self.report: dict[str, Any] = {}
+        self.build()
+        self.network.to(device)
+
+    # ----- what a method says ---------------------------------------------------------------
+    def build(self) -> None:
+        """Create modules (add to self.network) and mark what trains."""
+
+    def prepare(self, train: ImageSet) -> None:
+        """Once before training (and before evaluation of methods that do not train)."""
+
+    def compute_losses(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray
+    ) -> dict:
+        """Named scalar losses for one batch of normalised images (B, 3, H, W); summed to step."""
+        raise TypeError(
+            f"{type(self).__name__} sets trains=True but does not define compute_losses"
+        )
+
+    @abc.abstractmethod
+    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C) class logits for normalised images, used at evaluation."""
+
+    def on_eval_start(self) -> None:
+        """Before a round of evaluation batches (e.g. compute text features once)."""
+
+    def compute_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits from cached image features; only for `frozen_image_encoder` methods."""
+        raise TypeError(f"{type(self).__name__} has no frozen image encoder")
+
+    # ----- shared helpers -------------------------------------------------------------------
+    @property
+    def clip(self) -> nn.Module:
+        return self.network["clip"]
+
+    def text_features(self, level: str = "label") -> torch.Tensor:
+        """(C, D) unit-norm class text features for a prompt level (ensemble over templates)."""
+        return compute_text_features(
+            self.clip, self.bundle.tokenizer, self.prompts.texts(level), self.device
+        )
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(name, p) for name, p in self.network.named_parameters() if p.requires_grad]
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors only (plus persistent buffers of the method's own modules)."""
+        state = {name: p.detach().cpu().clone() for name, p in self.trainable_named_parameters()}
+        for name, module in self.network.items():
+            if name != "clip":
+                for buffer_name, buffer in module.named_buffers():
+                    state[f"{name}.{buffer_name}"] = buffer.detach().cpu().clone()
+        return state
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        current = dict(self.network.named_parameters())
+        current.update(dict(self.network.named_buffers()))
+        missing = sorted(set(self.checkpoint_state()) - set(state))
+        unexpected = sorted(set(state) - set(current))
+        if missing or unexpected:
+            raise KeyError(
+                f"checkpoint does not fit {type(self).__name__}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if current[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                        f"model expects {tuple(current[name].shape)}"
+                    )
+                current[name].copy_(tensor)
+
+    def input_tensor(self, batch: np.ndarray) -> torch.Tensor:
+        return to_model_input(batch, self.bundle.mean, self.bundle.std, self.device)
+
+    # ----- the loop ---------------------------------------------------------------------------
+    def num_iterations(self) -> int:
+        optim = self.cfg.OPTIM
+        return optim.MAX_ITERS or optim.ITERS_PER_SHOT * max(1, self.cfg.DATASET.NUM_SHOTS)
+
+    def build_sampler(self, train: ImageSet):
+        name = self.node.get("SAMPLER", "uniform") if self.node is not None else "uniform"
+        return SAMPLERS.get(name)(train.labels, self.generator, self.node)
+
+    def fit(self, train: ImageSet, val: ImageSet | None, evaluate_fn=None) -> dict[str, Any]:
+        """Train for `num_iterations()` steps; validation only for reporting or selection."""
+        self.prepare(train)
+        if not self.trains:
+            return {"iterations": 0}
+        named = self.trainable_named_parameters()
+        if not named:
+            raise RuntimeError(f"{type(self).__name__} trains but has no trainable parameters")
+        optim = self.cfg.OPTIM
+        optimizer = torch.optim.AdamW(build_param_groups(named, optim.WEIGHT_DECAY), lr=optim.LR)
+        total = self.num_iterations()
+        min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
+        sampler = self.build_sampler(train)
+        batches = iterate_batches(sampler, min(optim.BATCH_SIZE, len(train)))
+        params = [p for _, p in named]
+        best = {"score": -math.inf, "state": None, "step": None}
+        history = []
+        self.network.train()
+        for step in range(total):
+            for group in optimizer.param_groups:
+                group["lr"] = optim.LR * compute_lr_factor(
+                    step, total, optim.WARMUP_ITERS, min_ratio
+                )
+            indices = next(batches)
+            images = self.input_tensor(train.images[indices])
+            if self.cfg.INPUT.AUGMENT == "crop_flip":
+                images = augment_batch(images, self.generator, self.cfg.INPUT.CROP_SCALE)
+            labels = torch.as_tensor(train.labels[indices], device=self.device)
+            with autocast_context(self.device, self.cfg.PRECISION):
+                losses = self.compute_losses(images, labels, indices)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise DivergedError(step, {k: float(v) for k, v in losses.items()})
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if optim.GRAD_CLIP > 0:
+                torch.nn.utils.clip_grad_norm_(params, optim.GRAD_CLIP)
+            optimizer.step()
+            if self.cfg.VERBOSE and step % 20 == 0:
+                LOGGER.info("step %d %s", step, {k: round(float(v), 4) for k, v in losses.items()})
+            last = step == total - 1
+            every = self.cfg.EVAL.VAL_EVERY
+            if (
+                val is not None
+                and evaluate_fn is not None
+                and (last or (every and (step + 1) % every == 0))
+            ):
+                score = evaluate_fn(
+                    self, val
+                )  # puts the network in eval mode and back in train mode
+                history.append({"step": step + 1, "val_score": score, "loss": float(loss)})
+                if score > best["score"]:
+                    best = {
+                        "score": score,
+                        "state": copy.deepcopy(self.checkpoint_state()),
+                        "step": step + 1,
+                    }
+        self.network.eval()
+        if self.cfg.EVAL.SELECT == "best_val" and best["state"] is not None:
+            self.load_checkpoint_state(best["state"])
+        return {
+            "iterations": total,
+            "val_history": history,
+            "selected_step": best["step"] if self.cfg.EVAL.SELECT == "best_val" else total,
+            "final_loss": float(loss),
+        }
+
+    @torch.inference_mode()
+    def predict_logits(self, images: np.ndarray) -> torch.Tensor:
+        """(N, C) logits for uint8 images in eval mode; the previous train/eval mode is restored."""
+        was_training = self.network.training
+        self.network.eval()
+        self.on_eval_start()
+        outputs = []
+        batch_size = self.cfg.EVAL.BATCH_SIZE
+        for start in range(0, len(images), batch_size):
+            batch = self.input_tensor(images[start : start + batch_size])
+            with autocast_context(self.device, self.cfg.PRECISION):
+                outputs.append(self.compute_logits(batch).float().cpu())
+        self.network.train(was_training)
+        return torch.cat(outputs) if outputs else torch.zeros(0, len(self.class_names))
+
+    def image_features(self, data: ImageSet) -> torch.Tensor:
+        """(N, D) unit-norm features of the frozen image encoder, cached on disk across runs."""
+        key = compute_feature_key(self.bundle.identity, data.key, self.cfg.PRECISION, "image-v1")
+        cache_dir = self.cfg.CACHE_DIR if data.key else None
+        return load_or_compute_features(
+            cache_dir,
+            key,
+            lambda: F.normalize(
+                encode_image_array(
+                    self.clip.encode_image,
+                    data.images,
+                    self.bundle.mean,
+                    self.bundle.std,
+                    self.device,
+                    self.cfg.EVAL.BATCH_SIZE,
+                    self.cfg.PRECISION,
+                ),
+                dim=-1,
+            ),
+        )
+
+    def predict_probabilities(self, data: ImageSet) -> np.ndarray:
+        """(N, C) class probabilities; frozen-encoder methods read cached features."""
+        if self.frozen_image_encoder:
+            with torch.inference_mode():
+                self.on_eval_start()
+                logits = self.compute_logits_from_features(
+                    self.image_features(data).to(self.device)
+                )
+            return torch.softmax(logits.float().cpu(), dim=-1).numpy()
+        return torch.softmax(self.predict_logits(data.images), dim=-1).numpy()

@@ -1,0 +1,63 @@
+"""Shared fixtures: a config rooted in a temporary folder and tiny generated image trees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from yacs.config import CfgNode
+
+import datasets  # noqa: F401  (fills the DATASETS registry)
+from fewclip.config import get_cfg_defaults
+from fewclip.registry import DATASETS
+
+
+def write_image(path: Path, seed: int = 0, size: int = 8) -> Path:
+    """A small random RGB PNG (distinct pixels per seed, so files differ)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path)
+    return path
+
+
+@pytest.fixture
+def image_tree(tmp_path: Path) -> Callable[..., Path]:
+    """`image_tree({"cls": 3})` -> root/cls/*.png; `image_tree({"center": {"cls": 3}})` nests."""
+
+    def make(layout: dict, root: Path | None = None) -> Path:
+        root = root or tmp_path / "data"
+        counter = 0
+        for name, value in layout.items():
+            entries = value.items() if isinstance(value, dict) else [("", value)]
+            for sub, count in entries:
+                folder = root / name / sub if sub else root / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for index in range(count):
+                    counter += 1
+                    write_image(folder / f"img_{index:03d}.png", seed=counter)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., CfgNode]:
+    """`make_cfg("ImageFolder", ROOT=...)`: defaults with outputs and caches under tmp_path,
+    the dataset's own node attached, DATASET keys set from keyword arguments (not frozen)."""
+
+    def make(dataset: str = "SyntheticMultiCenter", **dataset_keys) -> CfgNode:
+        cfg = get_cfg_defaults()
+        cfg.OUTPUT_DIR = str(tmp_path / "output")
+        cfg.CACHE_DIR = str(tmp_path / "cache")
+        cls = DATASETS.get(dataset)
+        cfg.DATASET.NAME = cls.__name__
+        if hasattr(cls, "config_node"):
+            cfg.DATASET[cls.config_key()] = cls.config_node()
+        for key, value in dataset_keys.items():
+            cfg.DATASET[key] = value
+        return cfg
+
+    return make

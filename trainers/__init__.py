@@ -1,0 +1,3 @@
+"""Registered trainers: importing this package fills `fewclip.registry.TRAINERS`."""
+
+from trainers import clip_lora, linear_probe, zeroshot  # noqa: F401
