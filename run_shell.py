@@ -4,9 +4,13 @@
     python run_shell.py --sweep configs/sweeps/demo.yaml --jobs 2
     python run_shell.py --recipe configs/trainers/clip_lora.yaml \
         --dataset-config configs/datasets/synthetic.yaml --shots 1 4 --seeds 1 2 3 OPTIM.LR 1e-3
+    python run_shell.py --sweep my.yaml --launcher slurm --partition gpu --gpus 1 --time 120
+    torchrun --nproc_per_node 2 run_shell.py --recipe ... --shots 16 --seeds 1   # one run, DDP
     python run_shell.py --aggregate output/demo           # tables from existing results
+    python run_shell.py --report output/method --compare output/baseline   # report + paired test
 
 Flags are actions; values go through trailing `KEY VALUE` opts (see README for the keys).
+A sweep ends with summary.md/csv, figures and report.md in its folder (OUTPUT_DIR).
 """
 
 from __future__ import annotations
@@ -19,10 +23,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fewclip.aggregate import write_summary  # noqa: E402
+from fewclip import distributed  # noqa: E402
+from fewclip.aggregate import PRIMARY_METRIC, write_summary  # noqa: E402
 from fewclip.config import ConfigError  # noqa: E402
-from fewclip.results import read_results  # noqa: E402
-from fewclip.sweep import build_cell_config, expand_cells, load_sweep_file, run_cells  # noqa: E402
+from fewclip.launchers import (  # noqa: E402
+    LAUNCHERS,
+    resolve_slurm_options,
+    submit_cells,
+    wait_for_jobs,  # noqa: E402
+)
+from fewclip.report import write_report  # noqa: E402
+from fewclip.sweep import (  # noqa: E402
+    build_sweep,
+    cell_statuses,
+    describe_cells,
+    run_cells,
+    write_manifest,  # noqa: E402
+)
 
 OPT_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")  # where the KEY VALUE opts begin
 DEMO_SWEEP = Path(__file__).resolve().parent / "configs" / "sweeps" / "demo.yaml"
@@ -39,10 +56,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[], help="seeds (training and split)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes")
+    parser.add_argument("--jobs", type=int, default=1, help="local worker processes")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and which are done")
     parser.add_argument("--retry-failed", action="store_true", help="re-run only failed cells")
     parser.add_argument("--aggregate", metavar="DIR", help="only aggregate the results under DIR")
+    parser.add_argument("--report", metavar="DIR", help="only write the report of sweep DIR")
+    parser.add_argument("--compare", metavar="DIR", help="add a paired comparison with sweep DIR")
+    parser.add_argument("--metric", default=PRIMARY_METRIC, help="metric of figures and tests")
+    slurm = parser.add_argument_group("cluster (override the sweep file's `slurm:` keys)")
+    slurm.add_argument("--launcher", choices=LAUNCHERS, default="local", help="where cells run")
+    slurm.add_argument("--partition", help="SLURM partition")
+    slurm.add_argument("--gpus", type=int, help="GPUs per task")
+    slurm.add_argument("--time", type=int, help="minutes per task")
+    slurm.add_argument("--array-parallelism", type=int, help="array tasks running at once")
+    slurm.add_argument("--wait", action="store_true", help="wait for the jobs, then report")
     parser.add_argument("opts", nargs="*", help="KEY VALUE config overrides (after the flags)")
     split = next((i for i, token in enumerate(argv) if OPT_KEY.match(token)), len(argv))
     args = parser.parse_args(argv[:split])
@@ -53,39 +80,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    distributed.init_from_env()  # under torchrun: join the process group, one run at a time
     if args.aggregate:
         print(write_summary(args.aggregate)["terminal"])
         return 0
-    sweep_file = args.sweep or (None if args.recipe or args.dataset_config else DEMO_SWEEP)
-    spec = load_sweep_file(sweep_file) if sweep_file else {}
-    opts = [*spec.get("opts", []), *args.opts]
-    output_dir = spec.get("output_dir")
-    if output_dir and "OUTPUT_DIR" not in args.opts[0::2]:
-        opts = [*opts, "OUTPUT_DIR", str(output_dir)]
-    cells = expand_cells(
-        datasets=args.dataset_config or spec.get("datasets", [""]),
-        recipes=args.recipe or spec.get("recipes", [""]),
-        shots=args.shots or spec.get("shots", []),
-        seeds=args.seeds or spec.get("seeds", []),
-        grid=spec.get("grid"),
-        opts=[str(value) for value in opts],
-    )
-    configs = [build_cell_config(cell) for cell in cells]  # every cell's config fails here, early
-    from fewclip.run import resolve_run_dir
-
-    statuses = [(read_results(resolve_run_dir(cfg)) or {}).get("status", "todo") for cfg in configs]
-    if args.dry_run:
-        for cfg, status in zip(configs, statuses):
-            print(f"{status:9s} {resolve_run_dir(cfg)}")
-        print(f"{len(cells)} cells, {statuses.count('complete')} complete")
+    if args.report:
+        path, table = write_report(args.report, primary=args.metric, compare_with=args.compare)
+        print(f"{table}\n\nreport: {path}")
         return 0
-    if args.retry_failed:
-        cells = [c for c, s in zip(cells, statuses) if s in ("failed", "diverged")]
-    results = run_cells(cells, jobs=args.jobs)
-    root = Path(configs[0].OUTPUT_DIR) if configs else Path("output")
-    tables = write_summary(root)
-    print(tables["terminal"])
-    print(f"\nsummary: {root / 'summary.md'} and {root / 'summary.csv'}")
+    sweep_file = args.sweep or (None if args.recipe or args.dataset_config else DEMO_SWEEP)
+    sweep = build_sweep(
+        sweep_file, args.dataset_config, args.recipe, args.shots, args.seeds, args.opts
+    )
+    statuses = cell_statuses(sweep.configs)
+    if args.dry_run:
+        print(describe_cells(sweep.configs, statuses))
+        return 0
+    cells = [
+        cell
+        for cell, status in zip(sweep.cells, statuses)
+        if not args.retry_failed or status in ("failed", "diverged")
+    ]
+    if distributed.is_main_process():
+        write_manifest(sweep.root, sweep.configs)
+    if args.launcher == "local":
+        if distributed.is_active() and args.jobs > 1:
+            raise ConfigError("under torchrun the processes share each run: use --jobs 1")
+        results = run_cells(cells, jobs=args.jobs)
+    else:
+        flags = {"partition": args.partition, "gpus": args.gpus, "time": args.time}
+        options = resolve_slurm_options(
+            sweep.slurm, {**flags, "array_parallelism": args.array_parallelism}
+        )
+        folder = options["folder"] or sweep.root / "slurm"
+        jobs = submit_cells(cells, args.launcher, folder, options)
+        print(f"submitted {len(jobs)} cells; logs in {folder}")
+        if not args.wait:
+            print(f"when they are done: python run_shell.py --report {sweep.root}")
+            return 0
+        results = wait_for_jobs(jobs)
+    if not distributed.is_main_process():
+        return 0
+    path, table = write_report(sweep.root, primary=args.metric, compare_with=args.compare)
+    print(f"{table}\n\nsummary: {sweep.root / 'summary.md'}, report: {path}")
     failed = [r for r in results if r.get("status") not in ("complete", "locked")]
     return 1 if failed else 0
 

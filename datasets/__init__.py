@@ -1,3 +1,16 @@
 """Registered datasets: importing this package fills `fewclip.registry.DATASETS`."""
 
-from datasets import csv_dataset, image_folder, synthetic  # noqa: F401
+from datasets import (  # noqa: F401
+    breakhis,
+    cervical_oct,
+    chaoyang,
+    cric,
+    csv_dataset,
+    herlev,
+    hicervix,
+    image_folder,
+    lunghist700,
+    oral_scc,
+    sipakmed,
+    synthetic,
+)

@@ -1,7 +1,8 @@
 """Aggregation of a results tree: mean ± std, 95% CI and number of seeds per cell group.
 
 Reads `results.json` files only (never logs). Groups by (dataset, trainer, recipe, shots, eval set),
-where the eval set is the in-domain test split or a target center.
+where the eval set is the in-domain test split or a target center. Cells the sweep expected (its
+`sweep.json` manifest) but that have no results are listed as missing; failed ones with their error.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import io
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +21,37 @@ from scipy import stats
 from tabulate import tabulate
 
 DEFAULT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
+PRIMARY_METRIC = "balanced_accuracy"  # marks the worst center; the y axis of the figures
 GROUP_COLUMNS = ("dataset", "trainer", "recipe", "shots", "eval_set")
+STATISTICS = ("mean", "std", "ci95", "n")
 
 
 def collect_results(root: str | Path) -> list[dict[str, Any]]:
-    """Every parseable results.json under `root` (unparseable ones count as incomplete)."""
+    """Every results.json under `root`; an unparseable one is kept with status "unreadable"."""
     records = []
     for path in sorted(Path(root).rglob("results.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
+            data = None
+        if not isinstance(data, dict):
             data = {"status": "unreadable"}
         data["_path"] = str(path)
         records.append(data)
     return records
 
 
+def find_missing(root: str | Path) -> list[str]:
+    """Run folders listed in `<root>/sweep.json` that hold no results.json."""
+    manifest = Path(root) / "sweep.json"
+    if not manifest.is_file():
+        return []
+    run_dirs = json.loads(manifest.read_text()).get("run_dirs", [])
+    return [d for d in run_dirs if not (Path(root) / d / "results.json").is_file()]
+
+
 def summarise_values(values: list[float]) -> dict[str, float | int | None]:
-    """Mean, sample std, 95% t-interval half-width and count; None where undefined."""
+    """Mean, sample std (ddof 1), 95% t-interval half-width and count; None where undefined."""
     n = len(values)
     if n == 0:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
@@ -46,7 +61,17 @@ def summarise_values(values: list[float]) -> dict[str, float | int | None]:
     return {"mean": mean, "std": std, "ci95": ci, "n": n}
 
 
-def _eval_sets(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def metric_value(values: dict[str, Any], metric: str) -> float | None:
+    """A metric from one eval set; "binary_<name>" reads the binary view (e.g. binary_auroc)."""
+    if metric.startswith("binary_"):
+        value = (values.get("binary") or {}).get(metric[len("binary_") :])
+    else:
+        value = values.get(metric)
+    return None if value is None else float(value)
+
+
+def eval_sets(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """ "in-domain" (the test split) and "target:<center>" for every target center."""
     sets = {}
     if "test" in metrics:
         sets["in-domain"] = metrics["test"]
@@ -55,56 +80,92 @@ def _eval_sets(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return sets
 
 
-def aggregate(records: list[dict[str, Any]], metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict:
-    """-> {"rows": [...], "failed": [...], "incomplete": [...]} with one row per group."""
-    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    failed, incomplete = [], []
+def cell_key(record: dict[str, Any]) -> tuple:
+    """(dataset, trainer, recipe, shots) of a complete record."""
+    cfg = record["config"]
+    return (
+        cfg["DATASET"]["NAME"],
+        cfg["TRAINER"]["NAME"],
+        cfg["RECIPE"],
+        cfg["DATASET"]["NUM_SHOTS"],
+    )
+
+
+def seed_key(record: dict[str, Any]) -> tuple[int, int]:
+    """(training seed, split seed): what pairs two runs of different methods."""
+    cfg = record["config"]
+    return (cfg["SEED"], cfg["DATASET"].get("SPLIT_SEED", cfg["SEED"]))
+
+
+def iter_values(records: list[dict[str, Any]], metric: str) -> Iterator[tuple[tuple, tuple, float]]:
+    """(group key, seed key, value) for every complete record and eval set holding `metric`."""
+    for record in records:
+        if record.get("status") != "complete":
+            continue
+        for eval_set, values in eval_sets(record.get("metrics", {})).items():
+            value = metric_value(values, metric)
+            if value is not None:
+                yield (*cell_key(record), eval_set), seed_key(record), value
+
+
+def _is_well_formed(record: dict[str, Any]) -> bool:
+    try:
+        cell_key(record)
+        seed_key(record)
+    except (KeyError, TypeError):
+        return False
+    return isinstance(record.get("metrics", {}), dict)
+
+
+def aggregate(
+    records: list[dict[str, Any]],
+    metrics: tuple[str, ...] = DEFAULT_METRICS,
+    missing: list[str] | None = None,
+) -> dict:
+    """-> {"rows", "failed", "incomplete", "missing"}: one row per group, sorted."""
+    failed, incomplete, complete = [], [], []
     for record in records:
         status = record.get("status")
-        if status != "complete":
-            entry = {"path": record["_path"], "status": status, "error": record.get("error")}
-            (failed if status in ("failed", "diverged") else incomplete).append(entry)
+        if status == "complete" and _is_well_formed(record):
+            complete.append(record)
             continue
-        cfg = record["config"]
-        base = (
-            cfg["DATASET"]["NAME"],
-            cfg["TRAINER"]["NAME"],
-            cfg["RECIPE"],
-            cfg["DATASET"]["NUM_SHOTS"],
-        )
-        for eval_set, values in _eval_sets(record.get("metrics", {})).items():
-            bucket = groups[(*base, eval_set)]
-            bucket["_seeds"].append(cfg["SEED"])
-            for metric in metrics:
-                value = (
-                    values.get(metric)
-                    if metric != "binary_auroc"
-                    else (values.get("binary") or {}).get("auroc")
-                )
-                if value is not None:
-                    bucket[metric].append(float(value))
+        entry = {"path": record["_path"], "status": status, "error": record.get("error")}
+        if status == "complete":
+            entry.update(status="malformed", error="results.json lacks config or metrics keys")
+        (failed if status in ("failed", "diverged") else incomplete).append(entry)
+    runs: dict[tuple, set] = defaultdict(set)
+    values: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for record in complete:
+        for eval_set in eval_sets(record.get("metrics", {})):
+            runs[(*cell_key(record), eval_set)].add(record["_path"])
+    for metric in metrics:
+        for key, _, value in iter_values(complete, metric):
+            values[key][metric].append(value)
     rows = []
-    for key in sorted(groups, key=lambda k: tuple(str(p) for p in k[:3]) + (k[3], k[4])):
-        bucket = groups[key]
+    for key in sorted(runs, key=lambda k: (*(str(part) for part in k[:3]), k[3], k[4])):
         row = dict(zip(GROUP_COLUMNS, key))
-        row["seeds"] = len(bucket["_seeds"])
+        row["seeds"] = len(runs[key])
         for metric in metrics:
-            row[metric] = summarise_values(bucket.get(metric, []))
+            row[metric] = summarise_values(values[key].get(metric, []))
         rows.append(row)
-    _mark_worst_centers(rows, metrics[0])
-    return {"rows": rows, "failed": failed, "incomplete": incomplete}
+    primary = PRIMARY_METRIC if PRIMARY_METRIC in metrics else metrics[0]
+    mark_worst_centers(rows, primary)
+    return {"rows": rows, "failed": failed, "incomplete": incomplete, "missing": missing or []}
 
 
-def _mark_worst_centers(rows: list[dict[str, Any]], metric: str) -> None:
-    """Flag, per (dataset, trainer, recipe, shots), the target center with the lowest mean."""
+def mark_worst_centers(rows: list[dict[str, Any]], metric: str) -> None:
+    """Flag, per (dataset, trainer, recipe, shots), the target center(s) with the lowest mean;
+    none when every center has the same mean."""
     by_cell = defaultdict(list)
     for row in rows:
         row["worst"] = False
         if row["eval_set"].startswith("target:") and row[metric]["mean"] is not None:
             by_cell[tuple(row[c] for c in GROUP_COLUMNS[:4])].append(row)
     for members in by_cell.values():
-        if len(members) > 1:
-            min(members, key=lambda r: r[metric]["mean"])["worst"] = True
+        means = [row[metric]["mean"] for row in members]
+        if len(set(means)) > 1:
+            for row in members:
+                row["worst"] = row[metric]["mean"] == min(means)
 
 
 def format_cell(summary: dict[str, Any], scale: float = 100.0) -> str:
@@ -114,49 +175,45 @@ def format_cell(summary: dict[str, Any], scale: float = 100.0) -> str:
 
 
 def render_tables(result: dict, metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, str]:
-    """Terminal (tabulate 'github'), Markdown and CSV renderings of the aggregated rows."""
+    """Terminal (tabulate 'simple'), Markdown ('github', with and without the notes on failed
+    and missing cells) and CSV renderings of the rows."""
     headers = [*GROUP_COLUMNS, "seeds", *metrics]
     table = []
     for row in result["rows"]:
         eval_set = row["eval_set"] + (" (worst)" if row["worst"] else "")
-        table.append(
-            [
-                *(row[c] for c in GROUP_COLUMNS[:4]),
-                eval_set,
-                row["seeds"],
-                *(format_cell(row[m]) for m in metrics),
-            ]
-        )
+        cells = [format_cell(row[m]) for m in metrics]
+        table.append([*(row[c] for c in GROUP_COLUMNS[:4]), eval_set, row["seeds"], *cells])
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
-        [*GROUP_COLUMNS, "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "ci95"))]
+        [*GROUP_COLUMNS, "seeds", "worst", *(f"{m}_{s}" for m in metrics for s in STATISTICS)]
     )
     for row in result["rows"]:
-        writer.writerow(
-            [
-                *(row[c] for c in GROUP_COLUMNS),
-                row["seeds"],
-                *(row[m][s] for m in metrics for s in ("mean", "std", "ci95")),
-            ]
-        )
+        statistics = [row[m][s] for m in metrics for s in STATISTICS]
+        writer.writerow([*(row[c] for c in GROUP_COLUMNS), row["seeds"], row["worst"], *statistics])
     notes = [f"- failed: {item['path']} ({item['error']})" for item in result["failed"]]
     notes += [f"- incomplete: {item['path']} ({item['status']})" for item in result["incomplete"]]
-    markdown = tabulate(table, headers=headers, tablefmt="github")
-    caption = "Values are mean ± std over seeds, in percent."
+    notes += [f"- missing: {path}" for path in result["missing"]]
+    caption = "Values are mean ± std over seeds, in percent; (worst) marks the weakest center."
+    table_markdown = tabulate(table, headers=headers, tablefmt="github") + "\n\n" + caption
     return {
-        "terminal": tabulate(table, headers=headers, tablefmt="simple"),
-        "markdown": "\n".join([markdown, "", caption, *notes]) + "\n",
+        "terminal": "\n".join([tabulate(table, headers=headers, tablefmt="simple"), *notes]),
+        "table_markdown": table_markdown + "\n",
+        "markdown": table_markdown + ("\n\n" + "\n".join(notes) if notes else "") + "\n",
         "csv": buffer.getvalue(),
     }
+
+
+def aggregate_folder(root: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict:
+    """aggregate() over every results.json under `root`, with the manifest's missing cells."""
+    return aggregate(collect_results(root), metrics, find_missing(root))
 
 
 def write_summary(root: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, str]:
     """Aggregate `root` and write summary.md and summary.csv beside the run folders."""
     from fewclip.images import write_atomic_bytes
 
-    result = aggregate(collect_results(root), metrics)
-    tables = render_tables(result, metrics)
+    tables = render_tables(aggregate_folder(root, metrics), metrics)
     root = Path(root)
     write_atomic_bytes(root / "summary.md", tables["markdown"].encode())
     write_atomic_bytes(root / "summary.csv", tables["csv"].encode())

@@ -18,6 +18,9 @@ from yacs.config import CfgNode
 
 from fewclip.registry import DATASETS, TRAINERS
 
+# Lists whose default is empty hold strings (class and center names) unless listed here.
+INT_LIST_KEYS = {"LORA.LAYERS", "EVAL.RETRIEVAL"}
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names it."""
@@ -35,6 +38,7 @@ def get_cfg_defaults() -> CfgNode:
     cfg.CACHE_DIR = ".cache/fewclip"  # decoded images, features, generated datasets
     cfg.PLUGINS = []  # Python files or folders imported before lookup (user datasets/trainers)
     cfg.VERBOSE = False  # log per-step losses
+    cfg.TENSORBOARD = False  # TensorBoard scalars (losses, LR, validation) in <run dir>/tensorboard
 
     cfg.MODEL = CfgNode()
     cfg.MODEL.NAME = "tiny-vit"  # open_clip model name, or a built-in tiny config (tiny-vit)
@@ -61,6 +65,8 @@ def get_cfg_defaults() -> CfgNode:
     cfg.DATASET.CENTERS = []  # center folder names (generic datasets); empty = discover
     cfg.DATASET.SKIP_UNREADABLE = False  # skip (and count) unreadable images instead of failing
     cfg.DATASET.SPLIT_DIR = ""  # where split files go; "" = <OUTPUT_DIR>/splits
+    cfg.DATASET.TRAIN_FRACTION = 0.0  # label efficiency: share of each class's training pool
+    # (seeded by SPLIT_SEED, nested across fractions) used instead of NUM_SHOTS; 0 = off
 
     cfg.INPUT = CfgNode()
     cfg.INPUT.AUGMENT = "crop_flip"  # training augmentation: "crop_flip" or "none"
@@ -91,6 +97,18 @@ def get_cfg_defaults() -> CfgNode:
     cfg.EVAL.VAL_EVERY = 0  # validate every N iterations (0 = only at the end)
     cfg.EVAL.SELECT = "last"  # "last" or "best_val": which weights are tested (never the test set)
     cfg.EVAL.ECE_BINS = 15  # bins of the expected calibration error
+    cfg.EVAL.RETRIEVAL = []  # k values of retrieval metrics against the training images; [] = off
+    cfg.EVAL.CROSS_DATASET = ""  # dataset YAML evaluated through LABEL_MAP after training; "" = off
+    cfg.EVAL.CROSS_DATASET_OPTS = []  # KEY VALUE opts for that dataset, e.g. [DATASET.ROOT, /data]
+    cfg.EVAL.LABEL_MAP = ""  # YAML mapping this dataset's classes to the other dataset's classes
+
+    cfg.CHECKPOINT = CfgNode()
+    cfg.CHECKPOINT.EVERY = 500  # save the training state every N iterations to resume; 0 = off
+
+    cfg.PERF = CfgNode()  # speed only: what is computed stays the same (up to float rounding)
+    cfg.PERF.CHANNELS_LAST = False  # channels_last images and conv weights (conv stems on GPU)
+    cfg.PERF.COMPILE = False  # torch.compile the image tower: minutes to compile, for long runs
+    cfg.PERF.DEVICE_IMAGES_MB = 1024  # training images up to this size stay on the GPU
 
     cfg.TRAINER = CfgNode()
     cfg.TRAINER.NAME = "CLIPLoRA"  # registered trainer class
@@ -156,10 +174,16 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
     elif isinstance(default, (list, tuple)):
-        if isinstance(value, (list, tuple)):
-            return type(default)(value)
         if isinstance(value, (str, int, float)):
-            return type(default)([value])
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            item_type = type(default[0]) if default else int if key in INT_LIST_KEYS else str
+            try:
+                items = [item_type(item) for item in value]
+            except (TypeError, ValueError):
+                items = None
+            if items is not None:
+                return type(default)(items)
     elif default is None:
         return value
     raise ConfigError(
@@ -191,7 +215,7 @@ def merge_dict(cfg: CfgNode, data: dict[str, Any], source: str, prefix: str = ""
 def _parse_opt_value(raw: str, default: Any) -> Any:
     """CLI values: literals where the default is not a string (so '1e-3' is a float, '3' an int).
 
-    Lists take `[a, b]` or `a,b`; a list of strings keeps numeric-looking names as strings.
+    Lists take `[a, b]` or `a,b`; their items are typed by `_coerce` against the default.
     """
     if isinstance(default, str):
         return raw
@@ -199,13 +223,8 @@ def _parse_opt_value(raw: str, default: Any) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
-    if isinstance(default, (list, tuple)):
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        elif not isinstance(value, (list, tuple)):
-            value = [value]
-        if default and isinstance(default[0], str):
-            value = [str(item) for item in value]
+    if isinstance(default, (list, tuple)) and isinstance(value, str):  # a,b or [a/b.png, c]
+        return [part.strip() for part in value.strip("[]() ").split(",") if part.strip()]
     return value
 
 

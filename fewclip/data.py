@@ -7,8 +7,13 @@ summary) lives here so every dataset behaves the same.
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import hashlib
+import json
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +84,127 @@ def collect_items(
     return items
 
 
+def list_subfolders(folder: Path) -> list[Path]:
+    """Folders directly inside `folder` (no hidden ones), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def find_images(root: Path) -> list[Path]:
+    """Image files anywhere under `root` (hidden files and folders skipped), sorted by path."""
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        found.extend(
+            Path(folder) / name
+            for name in files
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return sorted(found)
+
+
+def parse_name_folders(entries: Sequence[str], key: str) -> list[tuple[str, str]]:
+    """`["name", "name=folder", ...]` -> [(name, folder)]: a name read from a differently named
+    folder (a center folder, or a class folder named otherwise in one center)."""
+    pairs = []
+    for entry in entries:
+        name, separator, folder = str(entry).partition("=")
+        name, folder = name.strip(), folder.strip() if separator else name.strip()
+        if not name or not folder:
+            raise DatasetError(f"{key} entry {entry!r} must be 'name' or 'name=folder'")
+        pairs.append((name, folder))
+    return pairs
+
+
+def collect_class_folders(
+    base: Path,
+    class_names: Sequence[str],
+    center: str = DEFAULT_CENTER,
+    class_folders: Mapping[str, str] | None = None,
+    alias_key: str = "",
+) -> list[Item]:
+    """Items of `base/<class folder>/*` for one center; every folder must be a class.
+
+    A folder is a class by its name or through `class_folders` (folder name -> class name). Any
+    other folder is an error naming it and the classes, so a class named differently in one
+    center never becomes a silent extra or missing class; an empty class folder is an error too.
+    """
+    if not base.is_dir():
+        raise DatasetError(f"center {center!r} folder {base} does not exist")
+    class_folders = dict(class_folders or {})
+    items = []
+    for folder in list_subfolders(base):
+        name = class_folders.get(folder.name, folder.name)
+        if name not in class_names:
+            hint = f"; map it to a class with {alias_key} 'class=folder'" if alias_key else ""
+            raise DatasetError(
+                f"folder {folder} (center {center!r}) is not a class of this dataset "
+                f"({', '.join(class_names)}){hint}"
+            )
+        files = list_images(folder)
+        if not files:
+            raise DatasetError(
+                f"class {name!r} folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        label = list(class_names).index(name)
+        items.extend(Item(str(file), label, name, center) for file in files)
+    return items
+
+
+def collect_center_folders(
+    root: Path,
+    class_names: Sequence[str],
+    centers: Sequence[str],
+    class_folders: Sequence[str] = (),
+    keys: tuple[str, str] = ("CENTERS", "CLASS_FOLDERS"),
+    subfolder: str = "",
+) -> list[Item]:
+    """Items of `root/<center folder>[/<subfolder>]/<class folder>/*`.
+
+    centers: "center" or "center=folder" entries; class_folders: "class=folder" entries for
+    class folders named otherwise (in any center); keys: the config keys of both, for errors.
+    """
+    aliases = {folder: name for name, folder in parse_name_folders(class_folders, keys[1])}
+    items = []
+    for center, folder in parse_name_folders(centers, keys[0]):
+        base = root / folder / subfolder if subfolder else root / folder
+        items.extend(collect_class_folders(base, class_names, center, aliases, keys[1]))
+    return items
+
+
+def load_table(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
+    """Rows of a CSV file with a header; a missing file or column is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"table {path} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        columns = [name.strip() for name in reader.fieldnames or []]
+        rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k} for row in reader]
+    missing = [name for name in required if name not in columns]
+    if missing:
+        raise DatasetError(f"table {path} has no column {', '.join(missing)}")
+    return rows
+
+
+def relabel_items(
+    items: Sequence[Item], mapping: Mapping[str, str], class_names: Sequence[str]
+) -> list[Item]:
+    """Items with class names replaced through `mapping` (a view: 7 classes -> 2, ...)."""
+    relabelled = []
+    for item in items:
+        name = mapping[item.class_name]
+        relabelled.append(
+            dataclasses.replace(item, class_name=name, label=list(class_names).index(name))
+        )
+    return relabelled
+
+
+def check_choice(value: str, choices: Sequence[str], key: str) -> str:
+    """`value` if it is one of `choices`, else an error naming the key and the choices."""
+    if value not in choices:
+        raise DatasetError(f"{key} is {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     """Scale a high-bit-depth grey image to 0..255 by the smallest bit depth that holds its max.
 
@@ -131,11 +257,21 @@ def resolve_prompt_path(name: str) -> Path:
     return PROMPT_DIR / name
 
 
+def _plain(node: object) -> object:
+    """A config node as plain dicts and lists (for hashing)."""
+    if isinstance(node, dict):
+        return {key: _plain(value) for key, value in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [_plain(value) for value in node]
+    return node
+
+
 class DatasetBase:
     """Base of registered datasets. Subclasses implement `load_items()`.
 
     Attributes after construction: `root`, `class_names`, `items` (sorted by path), `centers`
-    (sorted), `positive_classes` (names), `prompts` (PromptSet).
+    (sorted), `positive_classes` (names), `prompts` (PromptSet). A dataset with several views
+    (7 classes or 2, ...) may set `self.default_positive_classes` inside `load_items()`.
     """
 
     default_prompt_file: str = ""  # inside configs/prompts/; "" = prompts from class names
@@ -169,8 +305,15 @@ class DatasetBase:
 
     @property
     def split_key(self) -> str:
-        """Folder name of this dataset's split files (tells datasets of one class apart)."""
-        return f"{self.name}_{self.root.name}"
+        """Folder name of this dataset's split files: class, data folder and, when the dataset
+        has its own config node (views, centers, levels), a hash of it, so a changed view
+        draws its own split instead of failing on the old one."""
+        key = f"{self.name}_{self.root.name}"
+        node_key = type(self).config_key() if hasattr(type(self), "config_key") else ""
+        if node_key and node_key in self.cfg.DATASET:
+            text = json.dumps(_plain(self.cfg.DATASET[node_key]), sort_keys=True)
+            key += "_" + hashlib.sha1(text.encode()).hexdigest()[:8]
+        return key
 
     # --- shared behaviour -----------------------------------------------------------------
     def _validate(self) -> None:

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fewclip.metrics import compute_metrics, compute_metrics_by_center
+from fewclip.retrieval import evaluate_retrieval
 from fewclip.trainer import ImageSet, TrainerBase
 
 
 def evaluate_set(
-    trainer: TrainerBase, data: ImageSet, positive_classes: list[str], ece_bins: int
+    trainer: TrainerBase,
+    data: ImageSet,
+    positive_classes: list[str],
+    ece_bins: int,
+    gallery: ImageSet | None = None,
+    retrieval_ks: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Overall metrics plus the same metrics per center of `data`."""
+    """Overall metrics plus the same metrics per center of `data`; with `retrieval_ks` and a
+    `gallery` (the training images) also retrieval metrics when the trainer exposes features."""
     probabilities = trainer.predict_probabilities(data)
     metrics = compute_metrics(
         probabilities, data.labels, trainer.class_names, positive_classes, ece_bins
@@ -27,6 +35,10 @@ def evaluate_set(
             positive_classes,
             ece_bins,
         )
+    if retrieval_ks and gallery is not None:
+        retrieval = evaluate_retrieval(trainer, gallery, data, retrieval_ks)
+        if retrieval is not None:
+            metrics["retrieval"] = retrieval
     return metrics
 
 

@@ -1,18 +1,27 @@
-"""Decoded-image store: images decoded and resized once, as uint8, shared by every run of a sweep.
+"""Decoded images: every image of a dataset decoded and resized once, shared by a whole sweep.
 
-Evaluation images go to a memory-mapped `.npy` under CACHE_DIR keyed by everything the pixels
-depend on (paths, sizes, modification times, the resize recipe), so a stale entry is never read.
-Training batches are drawn from the same uint8 arrays held in memory and augmented as tensors.
+An `ImageStore` covers the images a sweep can touch (the dataset's items in the centers its
+splits draw from) as one uint8 row store under `CACHE_DIR/images/` (see fewclip/stores.py),
+keyed by everything the pixels depend on: each file's path, size, modification and change
+times and inode, the image size and the resize recipe; a changed file changes the key, so a
+stale entry is never read. The first touch decodes every image that can be validation or test
+data in some seed (all items, except those of an official "train" split, which are decoded
+as shots ask for them), so later cells of a sweep decode (almost) nothing. Evaluation sets
+are `ImageRows` views that read one batch at a time from the store file; training sets are
+copied into memory once (they are small) and stay there for the whole fit.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,18 +30,28 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fewclip.data import ImageError, Item, load_image
+from fewclip.stores import FAILED, FILLED, RowStore
 
 LOGGER = logging.getLogger(__name__)
 RESIZE_RECIPE = "short-side-bicubic+center-crop+v1"
+CHUNK_ROWS = 128  # images decoded (and flushed to the store) per locked step
+_DECODE_SECONDS = [0.0]  # wall time this process spent decoding image files
 
 
 def compute_image_key(items: Sequence[Item], image_size: int) -> str:
-    """Hash of the file list (path, size, mtime) and the resize recipe: the cache entry's name."""
+    """Hash of the file list (path, size, mtime, ctime, inode) and the resize recipe.
+
+    The change time and inode catch content rewritten with its old modification time restored
+    (`cp -p`, `rsync -t`), which size and mtime alone would miss.
+    """
     digest = hashlib.sha1(f"{RESIZE_RECIPE}:{image_size}".encode())
     for item in items:
         try:
             stat = os.stat(item.path)
-            digest.update(f"{item.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(
+                f"{item.path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0"
+                f"{stat.st_ino}\n".encode()
+            )
         except OSError:
             digest.update(f"{item.path}\0missing\n".encode())
     return digest.hexdigest()[:20]
@@ -50,23 +69,154 @@ def resize_center_crop(image: Image.Image, image_size: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def decoding_seconds() -> float:
+    """Wall time this process has spent decoding image files (for run timings)."""
+    return _DECODE_SECONDS[0]
+
+
+def _decode_one(path: str, image_size: int) -> np.ndarray | None:
+    try:
+        return resize_center_crop(load_image(path), image_size)
+    except ImageError as error:
+        LOGGER.warning("%s", error)
+        return None
+
+
+def decode_paths(paths: Sequence[str], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize files in threads (PIL releases the GIL) -> ((N, S, S, 3) uint8, ok)."""
+    started = time.perf_counter()
+    threads = min(8, os.cpu_count() or 1, max(1, len(paths)))
+    with ThreadPoolExecutor(threads) as pool:
+        decoded = list(pool.map(lambda path: _decode_one(path, image_size), paths))
+    array = np.zeros((len(paths), image_size, image_size, 3), np.uint8)
+    ok = np.array([image is not None for image in decoded], dtype=bool)
+    for index, image in enumerate(decoded):
+        if image is not None:
+            array[index] = image
+    _DECODE_SECONDS[0] += time.perf_counter() - started
+    return array, ok
+
+
 def decode_items(
     items: Sequence[Item], image_size: int, skip_unreadable: bool = False
 ) -> tuple[np.ndarray, list[int]]:
-    """Decode and resize `items` -> (N', H, W, 3) uint8 and the indices kept."""
-    arrays, kept = [], []
-    for index, item in enumerate(items):
-        try:
-            arrays.append(resize_center_crop(load_image(item.path), image_size))
-        except ImageError:
-            if not skip_unreadable:
-                raise
-            LOGGER.warning("skipping unreadable image %s", item.path)
-            continue
-        kept.append(index)
-    if not arrays:
-        return np.zeros((0, image_size, image_size, 3), np.uint8), kept
-    return np.stack(arrays), kept
+    """Decode and resize `items` in memory -> (N', H, W, 3) uint8 and the indices kept."""
+    array, ok = decode_paths([item.path for item in items], image_size)
+    _raise_unreadable(items, ok, skip_unreadable)
+    kept = np.flatnonzero(ok)
+    return array[kept], kept.tolist()
+
+
+def _raise_unreadable(items: Sequence[Item], ok: np.ndarray, skip_unreadable: bool) -> None:
+    """Re-read the first unreadable file so the error names it and says why."""
+    if not skip_unreadable and not ok.all():
+        path = items[int(np.flatnonzero(~ok)[0])].path
+        load_image(path)  # raises ImageError naming the file and the reason
+        raise ImageError(f"cannot read image {path}")
+
+
+def compute_store_items(all_items: Sequence[Item], used_items: Sequence[Item]) -> list[Item]:
+    """The images a sweep over these splits can touch: every item in a center that `used_items`
+    draw from (other seeds draw other images of the same centers), plus `used_items`; by path."""
+    centers = {item.center for item in used_items}
+    chosen = {item.path: item for item in all_items if item.center in centers}
+    for item in used_items:
+        chosen.setdefault(item.path, item)
+    return [chosen[path] for path in sorted(chosen)]
+
+
+class ImageRows:
+    """Rows of a decoded-image store, read on demand: indexes like a (N, H, W, 3) uint8 array.
+
+    `view[a:b]`, `view[indices]` and `view[i]` read just those images into memory, so an
+    evaluation set of any size costs no memory beyond the batch being read.
+    """
+
+    def __init__(self, data: RowStore, rows: np.ndarray) -> None:
+        self.data = data  # the row store of decoded images; `ImageRows(view.data, rows)` re-views
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (len(self.rows), *data.row_shape)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        rows = self.rows[index]
+        if np.ndim(rows) == 0:
+            return self.data.read(np.array([rows]))[0]
+        return self.data.read(rows)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.data.read(self.rows)
+        return array if dtype is None else array.astype(dtype)
+
+
+@dataclass
+class DecodedImages:
+    images: np.ndarray | ImageRows  # (N', H, W, 3) uint8: in memory, or a view of the store
+    kept: list[int]  # indices of the requested items that were readable
+    rows: np.ndarray | None  # their rows in `store` (None without a cache)
+    store: ImageStore | None
+
+
+class ImageStore:
+    """Decoded images of `items` at `image_size`; `cache_dir` None = decode in memory only."""
+
+    def __init__(
+        self, items: Sequence[Item], image_size: int, cache_dir: str | Path | None
+    ) -> None:
+        self.items = sorted({item.path: item for item in items}.values(), key=lambda i: i.path)
+        self.image_size = image_size
+        self.row_of = {item.path: row for row, item in enumerate(self.items)}
+        self.key = compute_image_key(self.items, image_size) if cache_dir else ""
+        self.rows = (
+            RowStore(Path(cache_dir) / "images", self.key, len(self.items), np.uint8)
+            if cache_dir and self.items
+            else None
+        )
+        self.eager = np.array(
+            [row for row, item in enumerate(self.items) if item.split != "train"], np.int64
+        )
+
+    def ensure(self, rows: np.ndarray) -> None:
+        """Decode whatever of `rows`, and of the rows every seed may evaluate, is not stored yet."""
+        if self.rows is None:
+            raise RuntimeError("ImageStore.ensure needs a cache folder")
+        todo = np.union1d(self.eager, rows).astype(np.int64)
+        chunks = [todo[start : start + CHUNK_ROWS] for start in range(0, len(todo), CHUNK_ROWS)]
+        self.rows.fill(
+            chunks,
+            lambda chunk: decode_paths([self.items[r].path for r in chunk], self.image_size),
+        )
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), S, S, 3) uint8 of stored rows, decoding missing ones first."""
+        self.ensure(rows)
+        return self.rows.read(rows)
+
+    def load(
+        self, items: Sequence[Item], skip_unreadable: bool = False, in_memory: bool = False
+    ) -> DecodedImages:
+        """Images of `items` (which must be in the store); unreadable ones raise `ImageError`
+        naming the file, or are dropped when `skip_unreadable` (see `kept`)."""
+        if self.rows is None:
+            images, kept = decode_items(items, self.image_size, skip_unreadable)
+            return DecodedImages(images, kept, None, None)
+        missing = [item.path for item in items if item.path not in self.row_of]
+        if missing:
+            raise KeyError(f"image {missing[0]} is not in the decoded-image store {self.key}")
+        rows = np.array([self.row_of[item.path] for item in items], dtype=np.int64)
+        self.ensure(rows)
+        states = self.rows.states(rows)
+        _raise_unreadable(items, states != FAILED, skip_unreadable)
+        kept = np.flatnonzero(states == FILLED)
+        rows = rows[kept]
+        images = self.rows.read(rows) if in_memory else ImageRows(self.rows, rows)
+        return DecodedImages(images, kept.tolist(), rows, self)
 
 
 def load_image_array(
@@ -74,27 +224,11 @@ def load_image_array(
     image_size: int,
     cache_dir: str | Path | None,
     skip_unreadable: bool = False,
-) -> tuple[np.ndarray, list[int]]:
-    """Decoded uint8 images for `items`, read from (or written once to) the on-disk cache.
-
-    Returns a read-only memory map when cached. Concurrent writers each write a temporary file
-    and atomically rename it; the loser's identical file simply replaces the winner's.
-    """
-    if cache_dir is None:
-        return decode_items(items, image_size, skip_unreadable)
-    folder = Path(cache_dir) / "images"
-    key = compute_image_key(items, image_size)
-    array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
-    if array_path.exists() and meta_path.exists():
-        kept = json.loads(meta_path.read_text())["kept"]
-        return np.load(array_path, mmap_mode="r"), kept
-    array, kept = decode_items(items, image_size, skip_unreadable)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic_bytes(meta_path, json.dumps({"kept": kept, "count": len(items)}).encode(), folder)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".npy.tmp", delete=False) as handle:
-        np.save(handle, array)
-    os.replace(handle.name, array_path)
-    return np.load(array_path, mmap_mode="r"), kept
+) -> tuple[np.ndarray | ImageRows, list[int]]:
+    """Decoded uint8 images of `items` (read from the store on demand when cached) and the
+    indices of the items kept."""
+    decoded = ImageStore(items, image_size, cache_dir).load(items, skip_unreadable)
+    return decoded.images, decoded.kept
 
 
 def write_atomic_bytes(path: Path, data: bytes, folder: Path | None = None) -> None:
@@ -108,18 +242,83 @@ def write_atomic_bytes(path: Path, data: bytes, folder: Path | None = None) -> N
     os.replace(handle.name, path)
 
 
+def _as_tensor(batch: np.ndarray) -> torch.Tensor:
+    """A CPU tensor of an array, copied only when read-only (memory maps) or not contiguous."""
+    array = np.asarray(batch)
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array)
+    return torch.from_numpy(array)
+
+
+@functools.lru_cache(maxsize=16)
+def _normalisation(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (1, len(mean), 1, 1)
+    mean_t = torch.tensor(mean, device=device).view(shape)
+    return mean_t, torch.tensor(std, device=device).view(shape)
+
+
 def to_model_input(
     batch: np.ndarray | torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
+    channels_last: bool = False,
 ) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float normalised with CLIP's mean and std."""
-    tensor = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, torch.Tensor) else batch
-    tensor = tensor.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    return (tensor - mean_t) / std_t
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 normalised with CLIP's mean and std.
+
+    The uint8 batch moves to the device first (4x fewer bytes than floats); the arithmetic is
+    torchvision's ToTensor + Normalize, (x / 255 - mean) / std, in place.
+    """
+    tensor = batch if isinstance(batch, torch.Tensor) else _as_tensor(batch)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    tensor = tensor.to(device, non_blocking=True).permute(0, 3, 1, 2)
+    tensor = tensor.to(torch.float32, memory_format=layout, copy=True)  # never the caller's
+    mean_t, std_t = _normalisation(tuple(mean), tuple(std), torch.device(device))
+    return tensor.div_(255.0).sub_(mean_t).div_(std_t)
+
+
+def iterate_image_batches(
+    images: np.ndarray | ImageRows, batch_size: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """uint8 (B, H, W, 3) batches of `images` on `device`, in order, without a DataLoader.
+
+    A background thread reads the next batch (from the memory map; into pinned memory on GPU,
+    so the copy to the device overlaps compute) while the caller works on the current one.
+    """
+    count = len(images)
+    pin = torch.device(device).type == "cuda"
+
+    def read(start: int) -> torch.Tensor:
+        tensor = _as_tensor(images[start : start + batch_size])
+        return tensor.pin_memory() if pin else tensor
+
+    if count == 0:
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, 0)
+        for start in range(0, count, batch_size):
+            batch = pending.result()
+            if start + batch_size < count:
+                pending = pool.submit(read, start + batch_size)
+            yield batch.to(device, non_blocking=True)
+
+
+def hold_training_images(
+    images: np.ndarray | ImageRows, device: torch.device, device_limit_mb: float
+) -> torch.Tensor:
+    """The decoded training images as one uint8 (N, H, W, 3) tensor, held for the whole fit.
+
+    On CPU it shares the array's memory (no copy). On GPU the set moves to the device once when
+    it fits in `device_limit_mb`, else it stays in pinned host memory (fast, async copies).
+    """
+    tensor = _as_tensor(images)
+    if torch.device(device).type != "cuda":
+        return tensor
+    if tensor.numel() <= device_limit_mb * 2**20:
+        return tensor.to(device)
+    return tensor.pin_memory()
 
 
 def augment_batch(

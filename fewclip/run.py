@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -21,8 +22,11 @@ from yacs.config import CfgNode
 from fewclip.backbones import ClipBundle, build_clip
 from fewclip.config import config_to_dict
 from fewclip.data import DatasetBase, Item
+from fewclip.distributed import broadcast_from_main, is_main_process
 from fewclip.evaluation import evaluate_set, summarise_targets, validation_score
-from fewclip.images import compute_image_key, load_image_array
+from fewclip.images import ImageStore, compute_store_items, decoding_seconds
+from fewclip.label_map import evaluate_with_label_map, load_label_map
+from fewclip.protocol import load_dataset
 from fewclip.registry import DATASETS, TRAINERS
 from fewclip.results import (
     COMPLETE,
@@ -38,25 +42,29 @@ from fewclip.trainer import DivergedError, ImageSet
 LOGGER = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 # Keys that say where or how verbosely a run writes, not what it computes.
-NON_SEMANTIC_KEYS = ("OUTPUT_DIR", "RUN_DIR", "VERBOSE", "CACHE_DIR", "PLUGINS")
+NON_SEMANTIC_KEYS = (
+    "OUTPUT_DIR",
+    "RUN_DIR",
+    "VERBOSE",
+    "CACHE_DIR",
+    "PLUGINS",
+    "TENSORBOARD",
+    "CHECKPOINT",
+)
 _MODEL_CACHE: dict[tuple[str, str, str], ClipBundle] = {}
 
 
 def resolve_run_dir(cfg: CfgNode) -> Path:
-    """`<OUTPUT_DIR>/<dataset>/<trainer>/<recipe>/shots_<k>/seed_<s>[_split_<t>]`."""
+    """`<OUTPUT_DIR>/<dataset>/<trainer>/<recipe>/shots_<k>[_fraction_<f>]/seed_<s>[_split_<t>]`."""
     if cfg.RUN_DIR:
         return Path(cfg.RUN_DIR)
     seed = f"seed_{cfg.SEED}"
     if cfg.DATASET.SPLIT_SEED != cfg.SEED:
         seed += f"_split_{cfg.DATASET.SPLIT_SEED}"
-    return (
-        Path(cfg.OUTPUT_DIR)
-        / cfg.DATASET.NAME
-        / cfg.TRAINER.NAME
-        / cfg.RECIPE
-        / f"shots_{cfg.DATASET.NUM_SHOTS}"
-        / seed
-    )
+    shots = f"shots_{cfg.DATASET.NUM_SHOTS}"
+    if cfg.DATASET.TRAIN_FRACTION > 0:  # label-efficiency runs: a share of each class
+        shots += f"_fraction_{cfg.DATASET.TRAIN_FRACTION:g}"
+    return Path(cfg.OUTPUT_DIR) / cfg.DATASET.NAME / cfg.TRAINER.NAME / cfg.RECIPE / shots / seed
 
 
 def compute_config_hash(cfg: CfgNode) -> str:
@@ -84,16 +92,26 @@ def load_clip(cfg: CfgNode) -> ClipBundle:
     )
 
 
-def build_image_set(items: list[Item], image_size: int, cfg: CfgNode) -> ImageSet:
-    """Decoded images of `items` from the shared cache (dropping unreadable ones if configured)."""
-    array, kept = load_image_array(items, image_size, cfg.CACHE_DIR, cfg.DATASET.SKIP_UNREADABLE)
-    kept_items = [items[i] for i in kept]
+def build_image_set(
+    items: list[Item],
+    image_size: int,
+    cfg: CfgNode,
+    store: ImageStore | None = None,
+    in_memory: bool = False,
+) -> ImageSet:
+    """Decoded images of `items` from the shared store (dropping unreadable ones if configured):
+    a view of the memory map, or (`in_memory`, for the small training set) a copy in memory."""
+    store = store or ImageStore(items, image_size, cfg.CACHE_DIR or None)
+    decoded = store.load(items, cfg.DATASET.SKIP_UNREADABLE, in_memory)
+    kept_items = [items[i] for i in decoded.kept]
     return ImageSet(
-        images=array,
+        images=decoded.images,
         labels=np.array([item.label for item in kept_items], dtype=np.int64),
         centers=[item.center for item in kept_items],
-        paths=[item.path for item in kept_items],
-        key=compute_image_key(items, image_size),
+        items=kept_items,
+        key=store.key,
+        rows=decoded.rows,
+        store=decoded.store,
     )
 
 
@@ -113,11 +131,43 @@ def cell_lock(run_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase):
+    """(other dataset, label map) for EVAL.CROSS_DATASET, or None; errors name the classes."""
+    if not cfg.EVAL.CROSS_DATASET:
+        return None
+    if not cfg.EVAL.LABEL_MAP:
+        raise ValueError("EVAL.CROSS_DATASET is set but EVAL.LABEL_MAP is empty: declare the map")
+    opts = ["CACHE_DIR", cfg.CACHE_DIR, "OUTPUT_DIR", cfg.OUTPUT_DIR, *cfg.EVAL.CROSS_DATASET_OPTS]
+    other = load_dataset(cfg.EVAL.CROSS_DATASET, opts)
+    return other, load_label_map(cfg.EVAL.LABEL_MAP, dataset.class_names, other.class_names)
+
+
+class OutputError(OSError):
+    """The run folder cannot be written (read-only, missing permission, disk full)."""
+
+
+MIN_FREE_BYTES = 50 * 2**20  # results, a LoRA checkpoint and a split file fit easily in 50 MiB
+
+
+def check_output_writable(run_dir: Path) -> None:
+    """Fail before any training when the run folder cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as error:
+        raise OutputError(f"output folder {run_dir} is not writable: {error.strerror}") from None
+    free = shutil.disk_usage(run_dir).free
+    if free < MIN_FREE_BYTES:
+        raise OutputError(f"output folder {run_dir} has only {free // 2**20} MiB free")
+
+
 def execute_run(cfg: CfgNode) -> dict[str, Any]:
     """Run one cell unless its results are complete; return its results (or a skip notice)."""
     run_dir = resolve_run_dir(cfg)
     config_hash = compute_config_hash(cfg)
-    previous = read_results(run_dir)
+    previous = broadcast_from_main(read_results(run_dir))  # torchrun: rank 0 decides for all
     if previous is not None and previous.get("status") == COMPLETE:
         if previous.get("config_hash") != config_hash:
             raise ValueError(
@@ -125,10 +175,14 @@ def execute_run(cfg: CfgNode) -> dict[str, Any]:
                 "set another OUTPUT_DIR or RECIPE name for this variant"
             )
         return {**previous, "skipped": True}
-    with cell_lock(run_dir) as acquired:
-        if not acquired:
+    if is_main_process():
+        check_output_writable(run_dir)
+    lock = cell_lock(run_dir) if is_main_process() else contextlib.nullcontext(True)
+    with lock as acquired:
+        if not broadcast_from_main(acquired):
             return {"status": "locked", "run_dir": str(run_dir), "skipped": True}
-        (run_dir / "config.yaml").write_text(cfg.dump())
+        if is_main_process():  # under torchrun only rank 0 writes the run's files
+            (run_dir / "config.yaml").write_text(cfg.dump())
         return _run_locked(cfg, run_dir, config_hash)
 
 
@@ -147,29 +201,45 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
         timings["data_seconds"] = time.perf_counter() - started
         bundle = load_clip(cfg)
         device = select_device(cfg.DEVICE)
+        cross = load_cross_dataset(cfg, dataset)  # checked before training: fails early
         trainer = TRAINERS.get(cfg.TRAINER.NAME)(cfg, bundle, dataset, device)
-        tick = time.perf_counter()
-        train = build_image_set(split.train, bundle.image_size, cfg)
-        val = build_image_set(split.val, bundle.image_size, cfg) if split.val else None
+        trainer.run_dir = run_dir  # training state (resume) and TensorBoard log
+        tick, decoded_before = time.perf_counter(), decoding_seconds()
+        used = [*split.train, *split.val, *split.test, *sum(split.targets.values(), [])]
+        # one store for every image this sweep's splits can touch: decoded once, by any cell
+        store = ImageStore(
+            compute_store_items(dataset.items, used), bundle.image_size, cfg.CACHE_DIR or None
+        )
+        train = build_image_set(split.train, bundle.image_size, cfg, store, in_memory=True)
+        val = build_image_set(split.val, bundle.image_size, cfg, store) if split.val else None
         timings["decode_train_val_seconds"] = time.perf_counter() - tick
         tick = time.perf_counter()
         fit_report = trainer.fit(train, val, validation_score)
         timings["train_seconds"] = time.perf_counter() - tick
         checkpoint = run_dir / "checkpoint.safetensors"
         state = trainer.checkpoint_state()
-        if state:
+        if state and is_main_process():
             tmp = checkpoint.with_suffix(".tmp")
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
             tmp.replace(checkpoint)
+        tick = time.perf_counter()
+        test = build_image_set(split.test, bundle.image_size, cfg, store) if split.test else None
+        target_sets = {
+            center: build_image_set(items, bundle.image_size, cfg, store)
+            for center, items in split.targets.items()
+        }
+        timings["decode_test_seconds"] = time.perf_counter() - tick
         tick = time.perf_counter()
         positives = list(dataset.positive_classes)
         metrics = (
             {
                 "test": evaluate_set(
                     trainer,
-                    build_image_set(split.test, bundle.image_size, cfg),
+                    test,
                     positives,
                     cfg.EVAL.ECE_BINS,
+                    train,
+                    cfg.EVAL.RETRIEVAL,
                 )
             }
             if split.test
@@ -178,16 +248,27 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
         targets = {
             center: evaluate_set(
                 trainer,
-                build_image_set(items, bundle.image_size, cfg),
+                target_sets[center],
                 positives,
                 cfg.EVAL.ECE_BINS,
+                train,
+                cfg.EVAL.RETRIEVAL,
             )
-            for center, items in split.targets.items()
+            for center in split.targets
         }
         if targets:
             metrics["targets"] = targets
             metrics["targets_summary"] = summarise_targets(targets, HEADLINE)
+        if cross is not None:
+            cross_dataset, label_map = cross
+            cross_set = build_image_set(cross_dataset.items, bundle.image_size, cfg)
+            metrics["cross_dataset"] = evaluate_with_label_map(
+                trainer, cross_set, label_map, cross_dataset.positive_classes, cfg.EVAL.ECE_BINS
+            )
+        if test is not None and hasattr(trainer, "save_artifacts") and is_main_process():
+            trainer.save_artifacts(run_dir, test)  # e.g. CaM-VLA attention maps
         timings["evaluate_seconds"] = time.perf_counter() - tick
+        timings["decoding_seconds"] = decoding_seconds() - decoded_before  # files decoded here
         timings["total_seconds"] = time.perf_counter() - started
         results = {
             **base,
@@ -201,6 +282,7 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
                 "num_val": len(val) if val is not None else 0,
             },
             "weights": bundle.identity,
+            "class_names": list(dataset.class_names),
             "timings": timings,
         }
     except DivergedError as error:
@@ -212,6 +294,8 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             "error": f"{type(error).__name__}: {error}",
             "traceback": traceback.format_exc(),
         }
-        (run_dir / "traceback.txt").write_text(results["traceback"])
-    write_results(run_dir, results)
+        if is_main_process():
+            (run_dir / "traceback.txt").write_text(results["traceback"])
+    if is_main_process():
+        write_results(run_dir, results)
     return results

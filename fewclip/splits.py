@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import uuid
@@ -92,6 +93,26 @@ def sample_few_shot(
                 "DATASET.INSUFFICIENT_SHOTS take_all)"
             )
         chosen.extend(_shuffled(members, seed, f"{class_name}/{center}")[:num_shots])
+    return sorted(chosen, key=lambda item: (item.label, item.center, item.path))
+
+
+def sample_fraction(
+    items: Sequence[Item], fraction: float, seed: int, per: str = "class"
+) -> list[Item]:
+    """Label efficiency: ceil(fraction x n) items of each class (or class and center) of n items.
+
+    Uses the same per-class shuffle as `sample_few_shot`, so smaller fractions (and shot sets)
+    are subsets of larger ones. Returned sorted by (label, center, path).
+    """
+    if not 0 < fraction <= 1:
+        raise SplitError(f"DATASET.TRAIN_FRACTION must be in (0, 1], not {fraction}")
+    strata: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    for item in items:
+        strata[(item.class_name, item.center if per == "class_center" else "")].append(item)
+    chosen: list[Item] = []
+    for (class_name, center), members in sorted(strata.items()):
+        count = math.ceil(fraction * len(members))
+        chosen.extend(_shuffled(members, seed, f"{class_name}/{center}")[:count])
     return sorted(chosen, key=lambda item: (item.label, item.center, item.path))
 
 
@@ -183,14 +204,17 @@ def draw_split(
             source_items, data.VAL_FRACTION, data.TEST_FRACTION, data.SPLIT_SEED
         )
     empty = [name for name in dataset.class_names if not any(i.class_name == name for i in pool)]
-    if empty and data.NUM_SHOTS > 0:
+    if empty and (data.NUM_SHOTS > 0 or data.TRAIN_FRACTION > 0):
         raise SplitError(
             f"classes {', '.join(empty)} have no training images in source centers "
             f"{', '.join(sources)} (check the official split or DATASET.SOURCE_CENTERS)"
         )
-    train = sample_few_shot(
-        pool, data.NUM_SHOTS, data.SPLIT_SEED, data.SHOTS_PER, data.INSUFFICIENT_SHOTS
-    )
+    if data.TRAIN_FRACTION > 0:
+        train = sample_fraction(pool, data.TRAIN_FRACTION, data.SPLIT_SEED, data.SHOTS_PER)
+    else:
+        train = sample_few_shot(
+            pool, data.NUM_SHOTS, data.SPLIT_SEED, data.SHOTS_PER, data.INSUFFICIENT_SHOTS
+        )
     if data.VAL_SHOTS > 0:
         val = sample_few_shot(val_pool, data.VAL_SHOTS, data.SPLIT_SEED, "class", "take_all")
     else:
@@ -216,12 +240,15 @@ def _relative(path: str, root: Path) -> str:
 
 def split_options(cfg: CfgNode) -> dict:
     """The config values besides shots and seed that change which images a split holds."""
-    return {
+    options = {
         key.lower(): list(cfg.DATASET[key])
         if isinstance(cfg.DATASET[key], (list, tuple))
         else cfg.DATASET[key]
         for key in OPTION_KEYS
     }
+    if cfg.DATASET.get("TRAIN_FRACTION", 0):  # only when on: older split files stay valid
+        options["train_fraction"] = cfg.DATASET.TRAIN_FRACTION
+    return options
 
 
 def split_file_path(dataset: DatasetBase, cfg: CfgNode) -> Path:

@@ -1,17 +1,25 @@
 """Sweeps: expand a grid of cells (datasets x recipes x shots x seeds x extra keys) and run them.
 
 The same expansion serves a sweep YAML file and CLI lists; a single run is a sweep of one cell.
-Cells run in this process (`jobs=1`) or in worker processes that keep the backbone loaded.
+Cells run in this process (`jobs=1`) or in spawned worker processes that keep the backbone loaded
+across their cells. A worker that dies (SIGKILL, out of memory) fails only the cell it was running
+(recorded in its folder, so `--retry-failed` finds it); the cells the broken pool interrupted run
+again in a fresh pool. Finished cells are never lost: each wrote its results.json atomically.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Sequence
+import re
+import signal
+import tempfile
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +27,14 @@ from typing import Any
 import torch
 import yaml
 from tqdm import tqdm
+from yacs.config import CfgNode
 
 from fewclip.config import ConfigError, build_config
 
 LOGGER = logging.getLogger(__name__)
-SWEEP_KEYS = {"output_dir", "datasets", "recipes", "shots", "seeds", "grid", "opts"}
+SWEEP_KEYS = {"output_dir", "datasets", "recipes", "shots", "seeds", "grid", "opts", "slurm"}
+MANIFEST_FILE = "sweep.json"
+WORKER_DIED = "worker process died while running this cell (killed by a signal or out of memory)"
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,15 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
     data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"sweep file {path} must hold a mapping of keys")
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(
             f"unknown keys {unknown} in sweep file {path}; allowed: {sorted(SWEEP_KEYS)}"
         )
+    if not isinstance(data.get("grid", {}), dict):
+        raise ConfigError(f"grid in sweep file {path} must map config keys to lists of values")
     base = path.parent
     for key in ("datasets", "recipes"):
         data[key] = [str(_resolve(base, item)) for item in data.get(key, [])]
@@ -64,8 +79,14 @@ def _resolve(base: Path, item: str) -> Path | str:
     return base / candidate if (base / candidate).exists() else candidate
 
 
+def _render(value: Any) -> str:
+    return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _variant_name(assignment: dict[str, Any]) -> str:
-    return "-".join(f"{key.split('.')[-1].lower()}{value}" for key, value in assignment.items())
+    """`{"OPTIM.LR": 0.001, "LORA.TARGETS": ["q", "v"]}` -> `lr0.001-targetsq+v` (path-safe)."""
+    name = "-".join(f"{key.split('.')[-1].lower()}{_render(v)}" for key, v in assignment.items())
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", name)
 
 
 def expand_cells(
@@ -80,13 +101,15 @@ def expand_cells(
 
     Extra grid keys add a variant suffix to RECIPE so each variant gets its own run folder.
     """
-    grid = dict(grid or {})
-    grid_keys = list(grid)
+    grid = {
+        key: values if isinstance(values, list) else [values]
+        for key, values in (grid or {}).items()
+    }
     cells = []
     for dataset, recipe in itertools.product(datasets or [""], recipes or [""]):
         recipe_name = Path(recipe).stem if recipe else "default"
-        for values in itertools.product(*(grid[key] for key in grid_keys)):
-            assignment = dict(zip(grid_keys, values))
+        for values in itertools.product(*grid.values()):
+            assignment = dict(zip(grid, values))
             variant = []
             for key, value in assignment.items():
                 rendered = ",".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -104,11 +127,79 @@ def expand_cells(
     return cells
 
 
-def build_cell_config(cell: Cell, extra_opts: Sequence[str] = ()):
+def build_cell_config(cell: Cell, extra_opts: Sequence[str] = ()) -> CfgNode:
     return build_config(cell.recipe or None, cell.dataset_config or None, [*cell.opts, *extra_opts])
 
 
-def _run_cell(cell: Cell, extra_opts: tuple[str, ...]) -> dict[str, Any]:
+@dataclass
+class Sweep:
+    """The expanded cells, their resolved configs, the sweep folder and launcher options."""
+
+    cells: list[Cell]
+    configs: list[CfgNode]
+    root: Path
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+
+def build_sweep(
+    sweep_file: str | Path | None = None,
+    datasets: Sequence[str] = (),
+    recipes: Sequence[str] = (),
+    shots: Sequence[int] = (),
+    seeds: Sequence[int] = (),
+    opts: Sequence[str] = (),
+) -> Sweep:
+    """Merge a sweep file with CLI lists (CLI wins) and resolve every cell's config up front, so
+    a bad key in any cell fails before the first one runs."""
+    spec = load_sweep_file(sweep_file) if sweep_file else {}
+    all_opts = [str(value) for value in [*spec.get("opts", []), *opts]]
+    if spec.get("output_dir") and "OUTPUT_DIR" not in list(opts)[0::2]:
+        all_opts += ["OUTPUT_DIR", str(spec["output_dir"])]
+    cells = expand_cells(
+        datasets=list(datasets) or spec.get("datasets", [""]),
+        recipes=list(recipes) or spec.get("recipes", [""]),
+        shots=list(shots) or spec.get("shots", []),
+        seeds=list(seeds) or spec.get("seeds", []),
+        grid=spec.get("grid"),
+        opts=all_opts,
+    )
+    configs = [build_cell_config(cell) for cell in cells]
+    root = Path(configs[0].OUTPUT_DIR) if configs else Path("output")
+    return Sweep(cells, configs, root, dict(spec.get("slurm") or {}))
+
+
+def cell_statuses(configs: Sequence[CfgNode]) -> list[str]:
+    """Per cell: "complete", "failed", "diverged", "running" ... or "todo" (no results yet)."""
+    from fewclip.results import read_results
+    from fewclip.run import resolve_run_dir
+
+    return [(read_results(resolve_run_dir(cfg)) or {}).get("status", "todo") for cfg in configs]
+
+
+def describe_cells(configs: Sequence[CfgNode], statuses: Sequence[str]) -> str:
+    """The `--dry-run` listing: one line per cell (status, run folder) and a count."""
+    from fewclip.run import resolve_run_dir
+
+    lines = [f"{status:9s} {resolve_run_dir(cfg)}" for cfg, status in zip(configs, statuses)]
+    counts = {status: list(statuses).count(status) for status in sorted(set(statuses))}
+    lines.append(f"{len(configs)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    return "\n".join(lines)
+
+
+def write_manifest(root: str | Path, configs: Sequence[CfgNode]) -> Path:
+    """List every run folder the sweep expects (so aggregation can name the missing ones)."""
+    from fewclip.images import write_atomic_bytes
+    from fewclip.run import resolve_run_dir
+
+    root = Path(root)
+    run_dirs = [os.path.relpath(resolve_run_dir(cfg), root) for cfg in configs]
+    path = root / MANIFEST_FILE
+    write_atomic_bytes(path, (json.dumps({"run_dirs": run_dirs}, indent=1) + "\n").encode())
+    return path
+
+
+def run_cell(cell: Cell, extra_opts: Sequence[str] = ()) -> dict[str, Any]:
+    """Run one cell in this process; a config error is this cell's failure, not the sweep's."""
     from fewclip.run import execute_run
 
     try:
@@ -118,15 +209,109 @@ def _run_cell(cell: Cell, extra_opts: tuple[str, ...]) -> dict[str, Any]:
     return execute_run(cfg)
 
 
-def _init_worker(threads: int) -> None:
+# Worker side: the folder where a worker marks the cell it starts (`<index>.started`) and, when
+# the pool terminates it because another worker died, the cell it was running (`.terminated`).
+_EVENTS: Path | None = None
+_CURRENT: int | None = None
+
+
+def _init_worker(threads: int, events: str) -> None:
+    global _EVENTS
+    _EVENTS = Path(events)
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGTERM, _on_terminate)
+
+
+def _on_terminate(signum: int, frame: Any) -> None:
+    if _CURRENT is not None:  # a file, not a queue: no lock the interrupted code might hold
+        (_EVENTS / f"{_CURRENT}.terminated").touch()
+    os._exit(128 + signum)
+
+
+def _run_cell_in_worker(index: int, cell: Cell, extra_opts: tuple[str, ...]) -> dict[str, Any]:
+    global _CURRENT
+    _CURRENT = index
+    (_EVENTS / f"{index}.started").touch()
+    try:
+        return run_cell(cell, extra_opts)
+    finally:
+        _CURRENT = None
+
+
+def record_worker_death(cell: Cell, extra_opts: Sequence[str] = ()) -> dict[str, Any]:
+    """Write a failed results.json (and traceback.txt) for a cell whose worker was killed."""
+    from fewclip.config import config_to_dict
+    from fewclip.results import FAILED, write_results
+    from fewclip.run import compute_config_hash, resolve_run_dir
+
+    cfg = build_cell_config(cell, extra_opts)
+    run_dir = resolve_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "traceback.txt").write_text(WORKER_DIED + "\n")
+    result = {
+        "status": FAILED,
+        "error": WORKER_DIED,
+        "config": config_to_dict(cfg),
+        "config_hash": compute_config_hash(cfg),
+        "run_dir": str(run_dir),
+    }
+    write_results(run_dir, result)
+    return result
+
+
+def _run_pool(
+    cells: Sequence[Cell],
+    extra: tuple[str, ...],
+    jobs: int,
+    record: Callable[[int, dict], None],
+) -> None:
+    """Run all cells in a pool of spawned workers, recording each result as it comes.
+
+    When a worker dies the pool breaks: the cell it was running is recorded as failed (it started
+    and was not terminated by the pool), the others are run again in a fresh pool.
+    """
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    indices = list(range(len(cells)))
+    while indices:
+        broken: list[int] = []
+        with tempfile.TemporaryDirectory(prefix="fewclip-sweep-") as events:
+            with ProcessPoolExecutor(
+                min(jobs, len(indices)),
+                mp_context=context,
+                initializer=_init_worker,
+                initargs=(threads, events),
+            ) as pool:
+                futures = {pool.submit(_run_cell_in_worker, i, cells[i], extra): i for i in indices}
+                for future in as_completed(futures):
+                    index = futures[future]
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool:
+                        broken.append(index)
+                        continue
+                    except Exception as error:  # the result could not come back
+                        result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+                    record(index, result)
+            marks = {path.name for path in Path(events).iterdir()}
+        killed = [i for i in broken if f"{i}.started" in marks and f"{i}.terminated" not in marks]
+        for index in killed:
+            record(index, record_worker_death(cells[index], extra))
+        if broken and not killed and len(broken) == len(indices):  # no progress: do not loop
+            for index in broken:
+                record(index, {"status": "failed", "error": "the worker pool broke at start"})
+            return
+        indices = [i for i in broken if i not in killed]
 
 
 def run_cells(cells: Sequence[Cell], extra_opts: Sequence[str] = (), jobs: int = 1) -> list[dict]:
-    """Run every cell; failures are recorded and the rest go on. Returns results in cell order."""
+    """Run every cell; failures are recorded and the rest go on. Returns results in cell order.
+
+    The progress bar shows cells done, skipped (already complete), failed, running and the ETA.
+    """
     extra = tuple(extra_opts)
     results: list[dict | None] = [None] * len(cells)
-    counts = {"done": 0, "skipped": 0, "failed": 0}
+    counts = {"done": 0, "skipped": 0, "failed": 0, "running": 0}
     bar = tqdm(total=len(cells), desc="cells", unit="cell", dynamic_ncols=True)
 
     def record(index: int, result: dict) -> None:
@@ -136,24 +321,15 @@ def run_cells(cells: Sequence[Cell], extra_opts: Sequence[str] = (), jobs: int =
         counts[key] += 1
         if key == "failed":
             tqdm.write(f"FAILED {cells[index].describe()}: {result.get('error', status)}")
+        remaining = len(cells) - sum(r is not None for r in results)
+        counts["running"] = min(max(1, jobs), remaining)
         bar.set_postfix(counts, refresh=False)
         bar.update(1)
 
     if jobs <= 1:
         for index, cell in enumerate(cells):
-            record(index, _run_cell(cell, extra))
+            record(index, run_cell(cell, extra))
     else:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)
-        ) as pool:
-            futures = {pool.submit(_run_cell, cell, extra): i for i, cell in enumerate(cells)}
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except Exception as error:  # a worker died: the cell is failed, not the sweep
-                    result = {"status": "failed", "error": f"worker died: {error}"}
-                record(futures[future], result)
+        _run_pool(cells, extra, jobs, record)
     bar.close()
     return [r for r in results if r is not None]

@@ -20,17 +20,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+from fewclip import distributed, hooks
 from fewclip.backbones import ClipBundle
+from fewclip.data import Item
 from fewclip.features import (
+    apply_performance_options,
     autocast_context,
-    compute_feature_key,
+    cached_text_features,
     compute_text_features,
     encode_image_array,
-    load_or_compute_features,
+    load_image_features,
+    resolve_precision,
 )
-from fewclip.images import augment_batch, to_model_input
+from fewclip.images import (
+    augment_batch,
+    hold_training_images,
+    iterate_image_batches,
+    to_model_input,
+)
 from fewclip.registry import SAMPLERS
-from fewclip.samplers import iterate_batches
 
 LOGGER = logging.getLogger(__name__)
 
@@ -50,8 +58,10 @@ class ImageSet:
     images: np.ndarray
     labels: np.ndarray
     centers: list[str]
-    paths: list[str] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)  # the dataset items (masks, groups, paths)
     key: str = ""  # cache key of the decoded images ("" = not cached)
+    rows: np.ndarray | None = None  # rows of `store` holding these images (None = not cached)
+    store: Any = None  # the fewclip.images.ImageStore they come from (frozen-feature cache)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,6 +95,12 @@ class TrainerBase(abc.ABC):
 
     trains = True  # False for methods with nothing to train (zero-shot)
     frozen_image_encoder = False  # True when image features can be cached across runs
+    # Regexes over `self.network` parameter names: the only parameters this method may train
+    # (the registry-wide tests hold every trainer to its declaration).
+    trainable_patterns: tuple[str, ...] = ()
+    # (B, C) class logits of the current training batch, set by `compute_losses` when the method
+    # can: the loop turns them into p(true class) for samplers that learn from them (difficulty)
+    batch_logits: torch.Tensor | None = None
 
     @classmethod
     def config_key(cls) -> str:
@@ -109,8 +125,11 @@ class TrainerBase(abc.ABC):
         for param in self.network.parameters():
             param.requires_grad_(False)
         self.report: dict[str, Any] = {}
+        self.run_dir = None  # set by the run: where the training state and TensorBoard log go
         self.build()
         self.network.to(device)
+        if "clip" in self.network:  # methods may replace CLIP by their own encoder
+            apply_performance_options(self.clip, cfg.PERF)
 
     # ----- what a method says ---------------------------------------------------------------
     def build(self) -> None:
@@ -180,8 +199,22 @@ class TrainerBase(abc.ABC):
                     )
                 current[name].copy_(tensor)
 
-    def input_tensor(self, batch: np.ndarray) -> torch.Tensor:
-        return to_model_input(batch, self.bundle.mean, self.bundle.std, self.device)
+    def frozen_text_features(self, level: str = "label") -> torch.Tensor:
+        """`text_features` for a text tower this method never changes: computed once per
+        backbone and prompt texts, cached in memory and under CACHE_DIR (no gradient)."""
+        return cached_text_features(
+            self.clip,
+            self.bundle.tokenizer,
+            self.prompts.texts(level),
+            self.device,
+            self.bundle.identity,
+            self.cfg.CACHE_DIR or None,
+        )
+
+    def input_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return to_model_input(
+            batch, self.bundle.mean, self.bundle.std, self.device, self.cfg.PERF.CHANNELS_LAST
+        )
 
     # ----- the loop ---------------------------------------------------------------------------
     def num_iterations(self) -> int:
@@ -191,6 +224,23 @@ class TrainerBase(abc.ABC):
     def build_sampler(self, train: ImageSet):
         name = self.node.get("SAMPLER", "uniform") if self.node is not None else "uniform"
         return SAMPLERS.get(name)(train.labels, self.generator, self.node)
+
+    def update_sampler(self, sampler, indices: np.ndarray, labels: torch.Tensor) -> None:
+        """Give the sampler p(true class) of the batch, from `batch_logits`."""
+        if self.batch_logits is not None:
+            with torch.no_grad():
+                probabilities = torch.softmax(self.batch_logits.detach().float(), dim=-1)
+                true_class = probabilities.gather(1, labels[:, None]).squeeze(1)
+            # torchrun: every process's sampler hears the whole global batch, so they stay equal
+            sampler.update(
+                distributed.gather_concatenated(np.asarray(indices)),
+                distributed.gather_concatenated(true_class.cpu().numpy()),
+            )
+        elif getattr(sampler, "needs_feedback", False):
+            raise RuntimeError(
+                f"sampler {self.node.SAMPLER!r} needs the batch logits, but "
+                f"{type(self).__name__}.compute_losses does not set self.batch_logits"
+            )
 
     def fit(self, train: ImageSet, val: ImageSet | None, evaluate_fn=None) -> dict[str, Any]:
         """Train for `num_iterations()` steps; validation only for reporting or selection."""
@@ -205,31 +255,48 @@ class TrainerBase(abc.ABC):
         total = self.num_iterations()
         min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
         sampler = self.build_sampler(train)
-        batches = iterate_batches(sampler, min(optim.BATCH_SIZE, len(train)))
+        batch_size = min(optim.BATCH_SIZE, len(train))
+        distributed.check_batch_size(batch_size)
+        batches = hooks.BatchStream(sampler, batch_size)
+        # decoded once, held for the whole fit (on the GPU when it fits): no per-step reads
+        pixels = hold_training_images(train.images, self.device, self.cfg.PERF.DEVICE_IMAGES_MB)
         params = [p for _, p in named]
         best = {"score": -math.inf, "state": None, "step": None}
         history = []
+        resumed = hooks.resume_training(self, optimizer, batches)
+        if resumed is not None:
+            best, history = resumed["best"], resumed["history"]
+        distributed.broadcast_parameters(params)  # torchrun: every process starts equal
+        scalars = hooks.open_scalar_log(self)
         self.network.train()
-        for step in range(total):
+        for step in range(resumed["step"] if resumed else 0, total):
             for group in optimizer.param_groups:
                 group["lr"] = optim.LR * compute_lr_factor(
                     step, total, optim.WARMUP_ITERS, min_ratio
                 )
             indices = next(batches)
-            images = self.input_tensor(train.images[indices])
+            images = self.input_tensor(pixels[torch.as_tensor(indices, device=pixels.device)])
             if self.cfg.INPUT.AUGMENT == "crop_flip":
                 images = augment_batch(images, self.generator, self.cfg.INPUT.CROP_SCALE)
             labels = torch.as_tensor(train.labels[indices], device=self.device)
+            # torchrun: every process drew the same global batch and keeps its own part
+            images, labels, local = distributed.shard_batch(images, labels, indices)
+            self.batch_logits = None
             with autocast_context(self.device, self.cfg.PRECISION):
-                losses = self.compute_losses(images, labels, indices)
+                losses = self.compute_losses(images, labels, local)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
+            global_loss = distributed.reduce_loss(loss, len(local), len(indices))
+            if not torch.isfinite(global_loss):
                 raise DivergedError(step, {k: float(v) for k, v in losses.items()})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.average_gradients(params, len(local), len(indices))
             if optim.GRAD_CLIP > 0:
                 torch.nn.utils.clip_grad_norm_(params, optim.GRAD_CLIP)
             optimizer.step()
+            self.update_sampler(sampler, local, labels)
+            if scalars is not None:
+                scalars.log_step(step, losses, optimizer.param_groups[0]["lr"])
             if self.cfg.VERBOSE and step % 20 == 0:
                 LOGGER.info("step %d %s", step, {k: round(float(v), 4) for k, v in losses.items()})
             last = step == total - 1
@@ -242,21 +309,33 @@ class TrainerBase(abc.ABC):
                 score = evaluate_fn(
                     self, val
                 )  # puts the network in eval mode and back in train mode
-                history.append({"step": step + 1, "val_score": score, "loss": float(loss)})
+                history.append({"step": step + 1, "val_score": score, "loss": float(global_loss)})
+                if scalars is not None:
+                    scalars.log_validation(step + 1, score)
                 if score > best["score"]:
                     best = {
                         "score": score,
                         "state": copy.deepcopy(self.checkpoint_state()),
                         "step": step + 1,
                     }
+            if not last:
+                hooks.save_training(
+                    self, step + 1, optimizer, batches, {"best": best, "history": history}
+                )
+        if scalars is not None:
+            scalars.close()
+        hooks.finish_training(self)
         self.network.eval()
+        if sampler.state():
+            self.report["sampler"] = sampler.state()
         if self.cfg.EVAL.SELECT == "best_val" and best["state"] is not None:
             self.load_checkpoint_state(best["state"])
         return {
             "iterations": total,
             "val_history": history,
             "selected_step": best["step"] if self.cfg.EVAL.SELECT == "best_val" else total,
-            "final_loss": float(loss),
+            "final_loss": float(global_loss),
+            "resumed_from_step": resumed["step"] if resumed else 0,
         }
 
     @torch.inference_mode()
@@ -266,33 +345,44 @@ class TrainerBase(abc.ABC):
         self.network.eval()
         self.on_eval_start()
         outputs = []
-        batch_size = self.cfg.EVAL.BATCH_SIZE
-        for start in range(0, len(images), batch_size):
-            batch = self.input_tensor(images[start : start + batch_size])
+        for uint8_batch in iterate_image_batches(images, self.cfg.EVAL.BATCH_SIZE, self.device):
+            batch = self.input_tensor(uint8_batch)
             with autocast_context(self.device, self.cfg.PRECISION):
                 outputs.append(self.compute_logits(batch).float().cpu())
         self.network.train(was_training)
         return torch.cat(outputs) if outputs else torch.zeros(0, len(self.class_names))
 
     def image_features(self, data: ImageSet) -> torch.Tensor:
-        """(N, D) unit-norm features of the frozen image encoder, cached on disk across runs."""
-        key = compute_feature_key(self.bundle.identity, data.key, self.cfg.PRECISION, "image-v1")
-        cache_dir = self.cfg.CACHE_DIR if data.key else None
-        return load_or_compute_features(
-            cache_dir,
-            key,
-            lambda: F.normalize(
+        """(N, D) unit-norm features of the frozen image encoder, each image encoded once per
+        sweep (a per-image store under CACHE_DIR, keyed by backbone, precision and device)."""
+        encoder_key = "|".join(
+            [
+                self.bundle.identity,
+                resolve_precision(self.device, self.cfg.PRECISION),
+                self.device.type,
+                f"channels_last={self.cfg.PERF.CHANNELS_LAST}",
+                f"compile={self.cfg.PERF.COMPILE}",
+                "clip-image-unit-norm",
+            ]
+        )
+        return load_image_features(
+            data,
+            lambda images: F.normalize(
                 encode_image_array(
                     self.clip.encode_image,
-                    data.images,
+                    images,
                     self.bundle.mean,
                     self.bundle.std,
                     self.device,
                     self.cfg.EVAL.BATCH_SIZE,
                     self.cfg.PRECISION,
+                    self.cfg.PERF.CHANNELS_LAST,
                 ),
                 dim=-1,
             ),
+            encoder_key,
+            self.cfg.EVAL.BATCH_SIZE,
+            self.cfg.CACHE_DIR or None,
         )
 
     def predict_probabilities(self, data: ImageSet) -> np.ndarray:
@@ -304,4 +394,7 @@ class TrainerBase(abc.ABC):
                     self.image_features(data).to(self.device)
                 )
             return torch.softmax(logits.float().cpu(), dim=-1).numpy()
-        return torch.softmax(self.predict_logits(data.images), dim=-1).numpy()
+        # torchrun: each process predicts its part of the images, gathered back in order
+        return distributed.gather_rows(
+            lambda images: torch.softmax(self.predict_logits(images), dim=-1).numpy(), data.images
+        )

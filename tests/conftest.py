@@ -61,3 +61,25 @@ def make_cfg(tmp_path: Path) -> Callable[..., CfgNode]:
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One CACHE_DIR for the session: the synthetic images are generated once for all tests."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def fast_opts(tmp_path: Path, shared_cache: Path) -> list[str]:
+    """KEY VALUE opts for a run that takes a second on the tiny model."""
+    return [
+        "OUTPUT_DIR", str(tmp_path / "output"),
+        "CACHE_DIR", str(shared_cache),
+        "MODEL.NAME", "tiny-vit",
+        "DATASET.SYNTHETIC.IMAGES_PER_CLASS", "12",
+        "DATASET.NUM_SHOTS", "2",
+        "DATASET.VAL_SHOTS", "2",
+        "OPTIM.MAX_ITERS", "3",
+        "OPTIM.BATCH_SIZE", "8",
+        "EVAL.BATCH_SIZE", "64",
+    ]  # fmt: skip

@@ -1,3 +1,3 @@
 """Registered trainers: importing this package fills `fewclip.registry.TRAINERS`."""
 
-from trainers import clip_lora, linear_probe, zeroshot  # noqa: F401
+from trainers import amlpf, camvla, clip_lora, linear_probe, savlt, vit_teacher, zeroshot  # noqa: F401

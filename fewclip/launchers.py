@@ -1,0 +1,117 @@
+"""Launching a sweep beyond this machine: a SLURM job array through submitit.
+
+Every cell becomes one task of a single job array; a task runs `fewclip.sweep` on its cell, so
+completed cells are skipped and an interrupted run resumes from its training checkpoint. On
+preemption or timeout the task is requeued (submitit's Checkpointable). The "submitit-local"
+launcher runs the same job array as local processes (submitit's LocalExecutor), for testing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from fewclip.config import ConfigError
+from fewclip.sweep import Cell, run_cell
+
+LOGGER = logging.getLogger(__name__)
+REPOSITORY = Path(__file__).resolve().parent.parent
+LAUNCHERS = ("local", "slurm", "submitit-local")
+# Sweep-file `slurm:` keys (and the matching CLI flags), with their meaning and defaults.
+SLURM_KEYS = {
+    "partition": "",  # SLURM partition; "" = the cluster's default
+    "gpus": 1,  # GPUs per task
+    "cpus": 8,  # CPU cores per task
+    "mem_gb": 32,  # memory per task in GB
+    "time": 240,  # wall-clock limit per task in minutes
+    "array_parallelism": 32,  # tasks of the array running at once
+    "folder": "",  # submitit logs and pickles; "" = <sweep folder>/slurm
+}
+
+
+def resolve_slurm_options(spec: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Defaults <- sweep-file `slurm:` mapping <- CLI flags (None = unset); unknown keys fail."""
+    unknown = sorted(set(spec) - set(SLURM_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown slurm keys {unknown} in sweep file; allowed: {list(SLURM_KEYS)}"
+        )
+    options = {**SLURM_KEYS, **spec}
+    options.update({key: value for key, value in overrides.items() if value is not None})
+    for key, default in SLURM_KEYS.items():
+        try:
+            options[key] = type(default)(options[key])
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"slurm {key} must be {type(default).__name__}, got {options[key]!r}"
+            ) from None
+    return options
+
+
+class CellTask(submitit.helpers.Checkpointable):
+    """One array task: run one cell (skips it when complete; resumes from its checkpoint)."""
+
+    def __call__(self, cell: Cell, extra_opts: tuple[str, ...] = ()) -> dict[str, Any]:
+        result = run_cell(cell, extra_opts)
+        keep = ("status", "error", "run_dir", "skipped")
+        return {key: result[key] for key in keep if key in result}
+
+
+def build_executor(launcher: str, folder: str | Path, options: dict[str, Any]) -> submitit.Executor:
+    """A submitit executor for "slurm" or "submitit-local" with the resolved options."""
+    if launcher not in ("slurm", "submitit-local"):
+        raise ConfigError(f"unknown launcher {launcher!r}; choose one of {list(LAUNCHERS)}")
+    cluster = "slurm" if launcher == "slurm" else "local"
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    # The task must import fewclip and the registered datasets/trainers from this checkout.
+    setup = [f'export PYTHONPATH="{REPOSITORY}${{PYTHONPATH:+:$PYTHONPATH}}"']
+    parameters: dict[str, Any] = {
+        "name": "fewclip",
+        "timeout_min": options["time"],
+        "cpus_per_task": options["cpus"],
+        "mem_gb": options["mem_gb"],
+        f"{cluster}_setup": setup,
+    }
+    if cluster == "slurm":
+        parameters.update(
+            gpus_per_node=options["gpus"],
+            slurm_array_parallelism=options["array_parallelism"],
+            slurm_partition=options["partition"] or None,
+        )
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def submit_cells(
+    cells: Sequence[Cell],
+    launcher: str,
+    folder: str | Path,
+    options: dict[str, Any],
+    extra_opts: Sequence[str] = (),
+) -> list[submitit.Job]:
+    """Submit all cells as one job array; returns the jobs (one per cell, in cell order)."""
+    if not cells:
+        return []
+    executor = build_executor(launcher, folder, options)
+    extra = tuple(extra_opts)
+    jobs = executor.map_array(CellTask(), list(cells), [extra] * len(cells))
+    LOGGER.info("submitted %d cells as job array %s", len(jobs), jobs[0].job_id.split("_")[0])
+    return jobs
+
+
+def wait_for_jobs(jobs: Sequence[submitit.Job]) -> list[dict[str, Any]]:
+    """Block until every task ends; a task that crashed becomes a failed result, not an error."""
+    results = []
+    for job in jobs:
+        try:
+            results.append(job.result())
+        except Exception as error:  # submitit raises the task's failure; keep the others going
+            message = str(error).strip().splitlines()
+            results.append(
+                {"status": "failed", "error": f"job {job.job_id}: {message[-1] if message else ''}"}
+            )
+    return results

@@ -1,0 +1,104 @@
+"""Faults: a killed run, two processes on one cell, an unwritable output folder.
+
+Each promise of the README's "What happens when things go wrong" section has a test here or
+next to the code it concerns (config, data, weights, splits, sweeps).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fewclip.config import build_config
+from fewclip.results import read_results
+from fewclip.run import OutputError, cell_lock, execute_run, resolve_run_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "configs" / "trainers" / "clip_lora.yaml"
+SYNTHETIC = ROOT / "configs" / "datasets" / "synthetic.yaml"
+
+
+def test_read_only_output_folder_fails_before_training(fast_opts, tmp_path):
+    locked = tmp_path / "readonly"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root without CAP drop)")
+        cfg = build_config(RECIPE, SYNTHETIC, [*fast_opts, "OUTPUT_DIR", str(locked)])
+        with pytest.raises(OutputError, match="is not writable"):
+            execute_run(cfg)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_path_under_a_file_fails_with_a_clear_message(fast_opts, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    cfg = build_config(RECIPE, SYNTHETIC, [*fast_opts, "OUTPUT_DIR", str(blocker / "out")])
+    with pytest.raises(OutputError, match="a_file/out/.* is not writable"):
+        execute_run(cfg)
+
+
+def test_a_cell_held_by_another_process_is_left_alone(fast_opts):
+    cfg = build_config(RECIPE, SYNTHETIC, fast_opts)
+    run_dir = resolve_run_dir(cfg)
+    with cell_lock(run_dir) as acquired:
+        assert acquired
+        result = execute_run(cfg)
+    assert result["status"] == "locked" and result["skipped"]
+    assert read_results(run_dir) is None  # the other "process" owns the cell
+    assert execute_run(cfg)["status"] == "complete"  # once free, it runs
+
+
+RUNNER = """
+import sys
+from fewclip.config import build_config
+from fewclip.run import execute_run
+cfg = build_config(sys.argv[1], sys.argv[2], sys.argv[3:])
+print(execute_run(cfg)["status"])
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_rerun_completes(fast_opts, tmp_path):
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "4000", "EVAL.VAL_EVERY", "0"]
+    cfg = build_config(RECIPE, SYNTHETIC, opts)
+    run_dir = resolve_run_dir(cfg)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", RUNNER, str(RECIPE), str(SYNTHETIC), *opts]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (run_dir / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3.0)  # well inside training
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    results = read_results(run_dir)
+    assert results is None or results["status"] != "complete"  # never a partial "complete"
+    quick = [*fast_opts, "OPTIM.MAX_ITERS", "4000", "EVAL.VAL_EVERY", "0"]
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            str(RECIPE),
+            str(SYNTHETIC),
+            *quick,
+            "OPTIM.MAX_ITERS",
+            "4000",
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.stdout.strip().splitlines()[-1] == "complete", rerun.stderr[-2000:]
+    assert read_results(run_dir)["status"] == "complete"

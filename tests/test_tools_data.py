@@ -1,0 +1,126 @@
+"""tools/make_split.py and tools/check_dataset.py on generated folders; unreadable images."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import write_image
+
+from fewclip.data import ImageError, Item
+from fewclip.images import decode_items
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+
+
+def load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_oral(root: Path, per_class: int = 5) -> Path:
+    counter = 0
+    for magnification in ("100x", "400x"):
+        for name in ("Normal", "OSCC"):
+            for index in range(per_class):
+                counter += 1
+                write_image(
+                    root / f"oral_histopath_{magnification}" / name / f"{index}.png", counter
+                )
+    return root
+
+
+def test_make_split_writes_files_and_inspect_prints_the_same_counts(tmp_path, capsys):
+    tool = load_tool("make_split")
+    root = make_oral(tmp_path / "oral")
+    args = ["configs/datasets/oral_scc.yaml", "DATASET.ROOT", str(root)]
+    args += ["--output-dir", str(tmp_path / "out"), "--shots", "1", "2", "--seeds", "3"]
+    args += ["DATASET.VAL_SHOTS", "1"]  # opts may also follow the flags
+    assert tool.main(args) == 0
+    printed = capsys.readouterr().out
+    files = sorted((tmp_path / "out" / "splits").rglob("*.json"))
+    assert [f.name.split("_")[:4] for f in files] == [
+        ["shots", "1", "seed", "3"],
+        ["shots", "2", "seed", "3"],
+    ]  # the suffix hashes the non-default options (source and target centers)
+    assert "shots 2, split seed 3" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("OSCC") and "400x" in line)
+    assert row.split()[2:] == ["0", "0", "0", "5"]  # train, val, test, target:400x
+    header = next(
+        line for line in printed.splitlines() if line.startswith("class ") and "val" in line
+    )
+    assert header.split() == ["class", "center", "train", "val", "test", "target:400x"]
+    assert tool.main(args[:5] + args[-2:] + ["--inspect", str(files[1])]) == 0
+    inspected = capsys.readouterr().out
+    table = printed.split(str(files[1]))[1].split("\n", 1)[1]
+    assert table.strip() in inspected
+
+
+def make_problem_folder(root: Path) -> Path:
+    for center in ("site1", "site2"):
+        for name in ("benign", "malignant"):
+            for index in range(2):
+                write_image(
+                    root / center / name / f"{index}.png", seed=hash((center, name, index)) % 1000
+                )
+    write_image(root / "site1" / "extra" / "0.png", seed=77)  # class only in site1
+    shutil.copy(root / "site1" / "benign" / "0.png", root / "site2" / "malignant" / "copy.png")
+    good = (root / "site2" / "benign" / "1.png").read_bytes()
+    (root / "site2" / "benign" / "broken.png").write_bytes(good[: len(good) // 2])
+    (root / "site2" / "empty").mkdir()
+    (root / "site1" / "empty").mkdir()
+    return root
+
+
+def test_check_dataset_reports_one_line_per_problem_and_exit_code(tmp_path, capsys):
+    tool = load_tool("check_dataset")
+    root = make_problem_folder(tmp_path / "data")
+    assert tool.main(["--folder", str(root)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    problems = [line for line in lines if line.split(" ")[0].isupper() and line[:4] != "note"]
+    assert f"UNREADABLE {root / 'site2/benign/broken.png'}" in "\n".join(problems)
+    assert any(
+        line.startswith("MISMATCH class 'extra' has a folder in centers site1 but not in site2")
+        for line in problems
+    )
+    assert sum(line.startswith("EMPTY ") for line in problems) == 2
+    duplicate = next(line for line in problems if line.startswith("DUPLICATE"))
+    assert "site2/malignant/copy.png (malignant)" in duplicate and "(benign)" in duplicate
+    assert lines[-1].endswith(f"{len(problems)} problems") and len(problems) == 5
+    clean = tmp_path / "clean"
+    for name in ("a", "b"):
+        write_image(clean / name / "0.png", seed=ord(name))
+    assert tool.main(["--folder", str(clean)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 images, 0 problems"
+
+
+def test_check_dataset_with_a_dataset_config(tmp_path, capsys):
+    tool = load_tool("check_dataset")
+    root = make_oral(tmp_path / "oral", per_class=2)
+    args = ["configs/datasets/oral_scc.yaml", "DATASET.ROOT", str(root)]
+    assert tool.main(args) == 0
+    (root / "oral_histopath_400x" / "OSCC" / "0.png").write_bytes(b"not an image")
+    assert tool.main(args) == 1
+    assert "UNREADABLE" in capsys.readouterr().out
+    shutil.rmtree(root / "oral_histopath_400x" / "Normal")
+    assert tool.main(args) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("DATASET class 'Normal' has images in centers 100x but none in 400x")
+
+
+def test_unreadable_image_errors_or_is_skipped_and_counted(tmp_path, caplog):
+    good = write_image(tmp_path / "good.png", size=16)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:-30])
+    items = [Item(str(good), 0, "a"), Item(str(truncated), 0, "a")]
+    with pytest.raises(ImageError, match="truncated.png"):
+        decode_items(items, 8)
+    with caplog.at_level(logging.WARNING):
+        array, kept = decode_items(items, 8, skip_unreadable=True)
+    assert kept == [0] and array.shape == (1, 8, 8, 3)
+    assert "truncated.png" in caplog.text

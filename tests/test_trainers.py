@@ -1,0 +1,109 @@
+"""Every registered trainer, over the registry: builds on the tiny model, takes steps, trains only
+what it declares, restores train() mode after validation, round-trips a checkpoint, evaluates."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import trainers  # noqa: F401
+from fewclip.config import build_config
+from fewclip.evaluation import evaluate_set, validation_score
+from fewclip.registry import DATASETS, TRAINERS
+from fewclip.run import build_image_set, load_clip
+from fewclip.splits import build_split
+
+ROOT = Path(__file__).resolve().parent.parent
+SYNTHETIC = ROOT / "configs" / "datasets" / "synthetic.yaml"
+
+
+def recipe_for(trainer_name: str) -> Path:
+    for path in sorted((ROOT / "configs" / "trainers").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if data.get("TRAINER", {}).get("NAME") == trainer_name:
+            return path
+    raise AssertionError(f"no recipe in configs/trainers/ for trainer {trainer_name}")
+
+
+def build_everything(trainer_name: str, opts: list[str]):
+    cfg = build_config(recipe_for(trainer_name), SYNTHETIC, opts)
+    dataset = DATASETS.get(cfg.DATASET.NAME)(cfg)
+    split = build_split(dataset, cfg)
+    bundle = load_clip(cfg)
+    trainer = TRAINERS.get(cfg.TRAINER.NAME)(cfg, bundle, dataset, torch.device("cpu"))
+    train = build_image_set(split.train, bundle.image_size, cfg)
+    val = build_image_set(split.val, bundle.image_size, cfg)
+    test = build_image_set(split.test, bundle.image_size, cfg)
+    return cfg, dataset, bundle, trainer, train, val, test
+
+
+# The package's trainers (tests may register throw-away trainers of their own).
+PACKAGE_TRAINERS = [
+    n for n in TRAINERS.names() if TRAINERS.get(n).__module__.startswith("trainers.")
+]
+
+
+@pytest.mark.parametrize("trainer_name", PACKAGE_TRAINERS)
+def test_trainer_contract(trainer_name, fast_opts):
+    opts = [*fast_opts, "EVAL.VAL_EVERY", "2", "EVAL.SELECT", "best_val"]
+    cfg, dataset, bundle, trainer, train, val, test = build_everything(trainer_name, opts)
+    trainable = {name for name, _ in trainer.trainable_named_parameters()}
+    patterns = [re.compile(p) for p in type(trainer).trainable_patterns]
+    undeclared = [n for n in trainable if not any(p.search(n) for p in patterns)]
+    assert not undeclared, f"{trainer_name} trains undeclared parameters: {undeclared[:5]}"
+    if type(trainer).trains and type(trainer).trainable_patterns:
+        assert trainable, f"{trainer_name} declares trainable parameters but has none"
+    before = {n: p.detach().clone() for n, p in trainer.network.named_parameters()}
+    trainer.fit(train, val, validation_score)
+    for name, param in trainer.network.named_parameters():
+        if name not in trainable:
+            assert torch.equal(param, before[name]), f"{trainer_name} changed frozen {name}"
+    if trainable and type(trainer).trains:
+        assert any(
+            not torch.equal(p, before[n])
+            for n, p in trainer.network.named_parameters()
+            if n in trainable
+        ), f"{trainer_name} trained nothing"
+    metrics = evaluate_set(trainer, test, list(dataset.positive_classes), 10)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_samples"] == len(test)
+
+    state = trainer.checkpoint_state()
+    fresh = build_everything(trainer_name, opts)[3]
+    fresh.load_checkpoint_state(state)
+    expected = trainer.predict_probabilities(test)
+    np.testing.assert_allclose(fresh.predict_probabilities(test), expected, atol=1e-5)
+
+
+def test_training_mode_restored_after_mid_training_validation(fast_opts):
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "4", "EVAL.VAL_EVERY", "1"]
+    *_, trainer, train, val, _ = build_everything("CLIPLoRA", opts)
+    modes, eval_modes = [], []
+    original_losses, original_logits = trainer.compute_losses, trainer.compute_logits
+
+    def spy_losses(images, labels, indices):
+        modes.append(trainer.network.training)
+        return original_losses(images, labels, indices)
+
+    def spy_logits(images):
+        eval_modes.append(trainer.network.training)
+        return original_logits(images)
+
+    trainer.compute_losses, trainer.compute_logits = spy_losses, spy_logits
+    trainer.fit(train, val, validation_score)
+    assert modes == [True] * 4  # every step after a validation runs in train mode again
+    assert eval_modes and not any(eval_modes)  # validation itself runs in eval mode
+
+
+def test_optimizer_never_holds_a_parameter_twice(fast_opts):
+    from fewclip.trainer import build_param_groups
+
+    *_, trainer, _, _, _ = build_everything("CLIPLoRA", fast_opts)
+    named = trainer.trainable_named_parameters()
+    groups = build_param_groups(named + named[:3], 0.1)  # a shared parameter listed twice
+    ids = [id(p) for group in groups for p in group["params"]]
+    assert len(ids) == len(set(ids)) == len(named)

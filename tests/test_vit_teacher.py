@@ -1,0 +1,130 @@
+"""ViTTeacher: heads, trainable sets per mode, local weights (timm and open_clip towers), label
+efficiency (DATASET.TRAIN_FRACTION), end-to-end run with retrieval metrics."""
+
+from __future__ import annotations
+
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fewclip.backbones import build_clip
+from fewclip.config import build_config
+from fewclip.registry import DATASETS
+from fewclip.run import execute_run
+from fewclip.splits import SplitError, build_split, draw_split, split_file_path
+from trainers.vit_teacher import ViTTeacher, build_head, build_timm_encoder, load_encoder_weights
+
+RECIPE, DATA = "configs/trainers/vit_teacher.yaml", "configs/datasets/synthetic.yaml"
+CLASSES = ["normal", "lsil", "hsil", "carcinoma"]
+
+
+def build_trainer(*opts: str) -> ViTTeacher:
+    cfg = build_config(RECIPE, DATA, list(opts))
+    dataset = SimpleNamespace(class_names=CLASSES, prompts=None)
+    return ViTTeacher(cfg, build_clip(cfg.MODEL), dataset, torch.device("cpu"))
+
+
+def test_heads_and_zero_initialisation():
+    linear = build_head("linear", 8, 3, 16, 0.0, zero_init=True)
+    assert torch.equal(linear(torch.randn(2, 8)), torch.zeros(2, 3))
+    mlp = build_head("mlp", 8, 3, 16, 0.1, zero_init=False)
+    assert [m.out_features for m in mlp if isinstance(m, torch.nn.Linear)] == [16, 3]
+    with pytest.raises(ValueError, match="HEAD"):
+        build_head("conv", 8, 3, 16, 0.0, False)
+
+
+def test_finetune_trains_encoder_and_head_without_the_text_tower():
+    trainer = build_trainer()
+    names = {name for name, _ in trainer.trainable_named_parameters()}
+    encoder = {f"encoder.{n}" for n, _ in trainer.network["encoder"].named_parameters()}
+    head = {f"head.{n}" for n, _ in trainer.network["head"].named_parameters()}
+    assert names == encoder | head
+    assert "clip" not in trainer.network
+    assert trainer.compute_logits(torch.randn(2, 3, 64, 64)).shape == (2, 4)
+
+
+def test_linear_probe_trains_a_zero_initialised_head_only():
+    trainer = build_trainer(
+        "TRAINER.VITTEACHER.MODE", "linear_probe", "TRAINER.VITTEACHER.HEAD", "linear"
+    )
+    names = {name for name, _ in trainer.trainable_named_parameters()}
+    assert names == {"head.0.weight", "head.0.bias"}
+    assert torch.equal(trainer.compute_logits(torch.randn(2, 3, 64, 64)), torch.zeros(2, 4))
+
+
+def test_timm_encoder_loads_wrapped_local_weights_and_resizes_inputs(tmp_path):
+    encoder, dim, mean, std = build_timm_encoder("vit_tiny_patch16_224", 32)
+    assert dim == 192 and len(mean) == len(std) == 3
+    state = {f"module.{k}": v + 1.0 for k, v in encoder.state_dict().items()}
+    state["module.head.weight"] = torch.zeros(5, 192)  # a classifier head is ignored
+    torch.save({"state_dict": state}, tmp_path / "uni_like.pth")
+    load_encoder_weights(encoder, tmp_path / "uni_like.pth")
+    torch.testing.assert_close(encoder.state_dict()["cls_token"], state["module.cls_token"])
+    trainer = build_trainer(
+        "TRAINER.VITTEACHER.ARCH", "vit_tiny_patch16_224", "TRAINER.VITTEACHER.IMAGE_SIZE", "32",
+        "TRAINER.VITTEACHER.WEIGHTS", str(tmp_path / "uni_like.pth"),
+    )  # fmt: skip
+    assert trainer.input_size == 32 and trainer.mean == tuple(mean)
+    assert trainer.compute_logits(torch.randn(2, 3, 64, 64)).shape == (2, 4)  # resized 64 -> 32
+
+
+def test_weight_mismatch_is_one_error_naming_file_and_keys(tmp_path):
+    encoder, *_ = build_timm_encoder("vit_tiny_patch16_224", 32)
+    state = encoder.state_dict()
+    state["blocks.0.attn.qkv_renamed.weight"] = state.pop("blocks.0.attn.qkv.weight")
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError) as error:
+        load_encoder_weights(encoder, tmp_path / "bad.pt")
+    message = str(error.value)
+    assert "bad.pt" in message and "missing (1): blocks.0.attn.qkv.weight" in message
+    assert "unexpected (1): blocks.0.attn.qkv_renamed.weight" in message and "\n" not in message
+    with pytest.raises(FileNotFoundError, match="WEIGHTS"):
+        load_encoder_weights(encoder, tmp_path / "absent.pt")
+
+
+def test_open_clip_tower_takes_the_visual_part_of_a_clip_checkpoint(tmp_path):
+    cfg = build_config(RECIPE, DATA)
+    source = build_clip(cfg.MODEL).model
+    with torch.no_grad():
+        for parameter in source.visual.parameters():
+            parameter.add_(0.5)
+    torch.save(source.state_dict(), tmp_path / "clip.pt")  # text tower keys included
+    trainer = build_trainer("TRAINER.VITTEACHER.WEIGHTS", str(tmp_path / "clip.pt"))
+    for name, value in source.visual.state_dict().items():
+        torch.testing.assert_close(trainer.network["encoder"].state_dict()[name], value)
+
+
+def test_train_fraction_takes_a_seeded_nested_share_of_each_class(make_cfg):
+    def split_for(fraction: float, seed: int = 1):
+        cfg = make_cfg(SOURCE_CENTERS=["center_a"], TRAIN_FRACTION=fraction, SPLIT_SEED=seed)
+        cfg.DATASET.SYNTHETIC.IMAGES_PER_CLASS = 12
+        dataset = DATASETS.get("SyntheticMultiCenter")(cfg)
+        return cfg, dataset, draw_split(dataset, cfg)
+
+    cfg, dataset, (pool_half, *_rest) = split_for(0.5)
+    _, _, (pool_all, *_) = split_for(1.0)
+    _, _, (quarter, *_) = split_for(0.25)
+    per_class_all = Counter(item.class_name for item in pool_all)
+    per_class_half = Counter(item.class_name for item in pool_half)
+    assert per_class_half == {name: -(-count // 2) for name, count in per_class_all.items()}
+    assert set(quarter) <= set(pool_half) <= set(pool_all)  # nested across fractions
+    assert split_for(0.5)[2][0] == pool_half  # seeded
+    assert split_for(0.5, seed=2)[2][0] != pool_half
+    default_name = split_file_path(dataset, make_cfg(SOURCE_CENTERS=["center_a"])).name
+    assert split_file_path(dataset, cfg).name != default_name
+    assert len(build_split(dataset, cfg).train) == len(pool_half)
+    with pytest.raises(SplitError, match="TRAIN_FRACTION"):
+        split_for(1.5)
+
+
+def test_linear_probe_runs_end_to_end_with_retrieval(fast_opts):
+    opts = [*fast_opts, "TRAINER.VITTEACHER.MODE", "linear_probe", "EVAL.RETRIEVAL", "[1, 3]"]
+    results = execute_run(build_config(RECIPE, DATA, opts))
+    assert results["status"] == "complete", results.get("error")
+    retrieval = results["metrics"]["test"]["retrieval"]
+    assert set(retrieval) >= {"hit_rate@1", "hit_rate@3", "majority_vote_accuracy@3"}
+    assert retrieval["hit_rate@1"] <= retrieval["hit_rate@3"] <= 1.0
+    assert retrieval["gallery_size"] == results["split"]["num_train"]
+    assert "retrieval" in results["metrics"]["targets"]["center_b"]
