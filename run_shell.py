@@ -58,6 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--jobs", type=int, default=1, help="local worker processes")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and which are done")
+    parser.add_argument(
+        "--leave-one-center-out", action="store_true", help="one fold per held-out center"
+    )
     parser.add_argument("--retry-failed", action="store_true", help="re-run only failed cells")
     parser.add_argument("--aggregate", metavar="DIR", help="only aggregate the results under DIR")
     parser.add_argument("--report", metavar="DIR", help="only write the report of sweep DIR")
@@ -90,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     sweep_file = args.sweep or (None if args.recipe or args.dataset_config else DEMO_SWEEP)
     sweep = build_sweep(
-        sweep_file, args.dataset_config, args.recipe, args.shots, args.seeds, args.opts
+        sweep_file,
+        args.dataset_config,
+        args.recipe,
+        args.shots,
+        args.seeds,
+        args.opts,
+        args.leave_one_center_out,
     )
     statuses = cell_statuses(sweep.configs)
     if args.dry_run:

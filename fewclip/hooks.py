@@ -30,8 +30,7 @@ _NOT_SAMPLER_STATE = ("labels", "generator", "cfg")  # rebuilt from the run, not
 class BatchStream:
     """Endless stream of index batches from a sampler, with a state that can be saved.
 
-    Same draws as `fewclip.samplers.iterate_batches`: leftovers of one epoch are topped up from
-    the next, so every batch has `batch_size` items.
+    Leftovers of one epoch are topped up from the next, so every batch has `batch_size` items.
     """
 
     def __init__(self, sampler: SamplerBase, batch_size: int) -> None:

@@ -50,6 +50,7 @@ NON_SEMANTIC_KEYS = (
     "PLUGINS",
     "TENSORBOARD",
     "CHECKPOINT",
+    "PERF",  # speed only (channels_last, compile, device-held images)
 )
 _MODEL_CACHE: dict[tuple[str, str, str], ClipBundle] = {}
 

@@ -171,14 +171,3 @@ class DifficultySampler(_WeightedSampler):
             **super().state(),
             "class_difficulty": [round(float(d), 6) for d in self.class_difficulty],
         }
-
-
-def iterate_batches(sampler: SamplerBase, batch_size: int):
-    """Endless stream of index batches; a batch never straddles two epochs' orderings oddly:
-    leftovers of one epoch are topped up from the next, so every batch has `batch_size` items."""
-    buffer = np.zeros(0, dtype=np.int64)
-    while True:
-        while len(buffer) < batch_size:
-            buffer = np.concatenate([buffer, sampler.epoch_indices().astype(np.int64)])
-        yield buffer[:batch_size]
-        buffer = buffer[batch_size:]

@@ -32,7 +32,10 @@ from yacs.config import CfgNode
 from fewclip.config import ConfigError, build_config
 
 LOGGER = logging.getLogger(__name__)
-SWEEP_KEYS = {"output_dir", "datasets", "recipes", "shots", "seeds", "grid", "opts", "slurm"}
+SWEEP_KEYS = {
+    "output_dir", "datasets", "recipes", "shots", "seeds", "grid", "opts", "slurm",
+    "leave_one_center_out",
+}  # fmt: skip
 MANIFEST_FILE = "sweep.json"
 WORKER_DIED = "worker process died while running this cell (killed by a signal or out of memory)"
 
@@ -148,9 +151,11 @@ def build_sweep(
     shots: Sequence[int] = (),
     seeds: Sequence[int] = (),
     opts: Sequence[str] = (),
+    leave_one_center_out: bool = False,
 ) -> Sweep:
     """Merge a sweep file with CLI lists (CLI wins) and resolve every cell's config up front, so
-    a bad key in any cell fails before the first one runs."""
+    a bad key in any cell fails before the first one runs. Leave-one-center-out (flag or the
+    file's `leave_one_center_out: true`) turns each cell into one fold per center."""
     spec = load_sweep_file(sweep_file) if sweep_file else {}
     all_opts = [str(value) for value in [*spec.get("opts", []), *opts]]
     if spec.get("output_dir") and "OUTPUT_DIR" not in list(opts)[0::2]:
@@ -163,9 +168,40 @@ def build_sweep(
         grid=spec.get("grid"),
         opts=all_opts,
     )
+    if leave_one_center_out or spec.get("leave_one_center_out"):
+        cells = expand_center_folds(cells)
     configs = [build_cell_config(cell) for cell in cells]
     root = Path(configs[0].OUTPUT_DIR) if configs else Path("output")
     return Sweep(cells, configs, root, dict(spec.get("slurm") or {}))
+
+
+def _last_value(opts: Sequence[str], key: str) -> str | None:
+    values = [value for name, value in zip(opts[0::2], opts[1::2]) if name == key]
+    return values[-1] if values else None
+
+
+def expand_center_folds(cells: Sequence[Cell]) -> list[Cell]:
+    """Each cell -> one cell per center of its dataset, that center held out as the target and
+    the others as sources; each fold gets its own RECIPE suffix (`-loco_<center>`)."""
+    from fewclip.protocol import expand_leave_one_center_out, load_dataset_centers
+
+    centers_of: dict[tuple, list[str]] = {}
+    folds = []
+    for cell in cells:
+        data_opts = [
+            value
+            for name, value in zip(cell.opts[0::2], cell.opts[1::2])
+            if name.startswith("DATASET.") or name in ("CACHE_DIR", "OUTPUT_DIR")
+            for value in (name, value)
+        ]
+        key = (cell.dataset_config, tuple(data_opts))
+        if key not in centers_of:
+            cleared = [*data_opts, "DATASET.SOURCE_CENTERS", "[]", "DATASET.TARGET_CENTERS", "[]"]
+            centers_of[key] = load_dataset_centers(cell.dataset_config or None, cleared)
+        recipe = _last_value(cell.opts, "RECIPE") or (Path(cell.recipe).stem or "default")
+        for fold in expand_leave_one_center_out(centers_of[key], recipe):
+            folds.append(Cell(cell.dataset_config, cell.recipe, (*cell.opts, *fold)))
+    return folds
 
 
 def cell_statuses(configs: Sequence[CfgNode]) -> list[str]:

@@ -14,7 +14,7 @@ from fewclip.config import build_config, get_cfg_defaults
 from fewclip.hooks import STATE_FILE, BatchStream, load_training_state, save_training_state
 from fewclip.registry import TRAINERS
 from fewclip.run import execute_run
-from fewclip.samplers import UniformSampler, iterate_batches
+from fewclip.samplers import UniformSampler
 from trainers.clip_lora import CLIPLoRA
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,19 +55,23 @@ def build(tmp_path: Path, cache: Path, output: str, *extra: str):
     )  # fmt: skip
 
 
-def test_batch_stream_matches_iterate_batches_and_resumes():
+def test_batch_stream_covers_epochs_and_resumes_exactly():
     labels = np.arange(7) % 3
-    reference = iterate_batches(UniformSampler(labels, torch.Generator().manual_seed(3), None), 3)
+    reference = BatchStream(UniformSampler(labels, torch.Generator().manual_seed(3), None), 3)
+    expected = [next(reference) for _ in range(7)]  # 21 draws = 3 whole epochs of 7 images
+    assert all(len(batch) == 3 for batch in expected)
+    flat = np.concatenate(expected)
+    for epoch in range(3):  # leftovers are topped up from the next epoch, none is lost
+        assert sorted(flat[epoch * 7 : (epoch + 1) * 7]) == list(range(7))
     generator = torch.Generator().manual_seed(3)
     stream = BatchStream(UniformSampler(labels, generator, None), 3)
-    expected = [next(reference) for _ in range(8)]
     got = [next(stream) for _ in range(3)]
     state, generator_state = stream.state_dict(), generator.get_state()
     generator2 = torch.Generator()
     generator2.set_state(generator_state)
     resumed = BatchStream(UniformSampler(labels, generator2, None), 3)
     resumed.load_state_dict(state)
-    got += [next(resumed) for _ in range(5)]
+    got += [next(resumed) for _ in range(4)]
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))
 
 

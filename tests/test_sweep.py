@@ -162,3 +162,25 @@ def test_retry_failed_reruns_only_failed_cells(tmp_path: Path, plugin, shared_ca
     assert (first / "results.json").stat().st_mtime_ns == kept  # not touched
     manifest = json.loads((out / "sweep.json").read_text())
     assert len(manifest["run_dirs"]) == 2 and (out / "report.md").is_file()
+
+
+def test_leave_one_center_out_makes_one_fold_per_center(fast_opts):
+    from fewclip.sweep import build_sweep
+
+    root = Path(__file__).resolve().parent.parent
+    sweep = build_sweep(
+        None,
+        [str(root / "configs" / "datasets" / "synthetic.yaml")],
+        [str(root / "configs" / "trainers" / "zeroshot.yaml")],
+        shots=[2],
+        seeds=[1],
+        opts=fast_opts,
+        leave_one_center_out=True,
+    )
+    folds = {cfg.RECIPE: (cfg.DATASET.SOURCE_CENTERS, cfg.DATASET.TARGET_CENTERS)
+             for cfg in sweep.configs}
+    assert folds == {
+        "zeroshot-loco_center_a": (["center_b", "center_c"], ["center_a"]),
+        "zeroshot-loco_center_b": (["center_a", "center_c"], ["center_b"]),
+        "zeroshot-loco_center_c": (["center_a", "center_b"], ["center_c"]),
+    }

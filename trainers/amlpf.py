@@ -96,10 +96,9 @@ class AMLPF(TrainerBase):
     def cached_level_text(self) -> torch.Tensor:
         """(K, C, D) class text features per level, computed once (the text encoder is frozen)."""
         if self.level_text is None:
-            with torch.no_grad():
-                self.level_text = torch.stack(
-                    [self.text_features(level) for level in self.node.LEVELS]
-                )
+            self.level_text = torch.stack(
+                [self.frozen_text_features(level) for level in self.node.LEVELS]
+            )
         return self.level_text
 
     def prepare(self, train: ImageSet) -> None:

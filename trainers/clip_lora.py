@@ -37,8 +37,7 @@ class CLIPLoRA(TrainerBase):
 
     def prepare(self, train: ImageSet) -> None:
         if not self.text_trains:
-            with torch.no_grad():
-                self.frozen_text = self.text_features(self.node.PROMPT_LEVEL)
+            self.frozen_text = self.frozen_text_features(self.node.PROMPT_LEVEL)
         if self.distiller is not None:
             self.distiller.prepare(train, self.cfg.CACHE_DIR)
             self.report["distillation"] = self.distiller.describe()
@@ -63,7 +62,9 @@ class CLIPLoRA(TrainerBase):
         return F.normalize(self.clip.encode_image(images), dim=-1)
 
     def on_eval_start(self) -> None:
-        self.eval_text = self.text_features(self.node.PROMPT_LEVEL)
+        level = self.node.PROMPT_LEVEL
+        trains = self.text_trains
+        self.eval_text = self.text_features(level) if trains else self.frozen_text_features(level)
 
     def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
         return (

@@ -23,8 +23,7 @@ class ZeroShotCLIP(TrainerBase):
         return node
 
     def on_eval_start(self) -> None:
-        with torch.inference_mode():
-            self.class_text = self.text_features(self.node.PROMPT_LEVEL)
+        self.class_text = self.frozen_text_features(self.node.PROMPT_LEVEL)
 
     def compute_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.clip.logit_scale.exp() * features @ self.class_text.t()
