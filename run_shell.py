@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fewclip import distributed  # noqa: E402
 from fewclip.aggregate import PRIMARY_METRIC, write_summary  # noqa: E402
-from fewclip.config import ConfigError  # noqa: E402
+from fewclip.config import OPT_KEY, ConfigError  # noqa: E402
 from fewclip.launchers import (  # noqa: E402
     LAUNCHERS,
     resolve_slurm_options,
@@ -41,7 +40,6 @@ from fewclip.sweep import (  # noqa: E402
     write_manifest,  # noqa: E402
 )
 
-OPT_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")  # where the KEY VALUE opts begin
 DEMO_SWEEP = Path(__file__).resolve().parent / "configs" / "sweeps" / "demo.yaml"
 
 

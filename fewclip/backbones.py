@@ -270,8 +270,15 @@ def load_clip_weights(model: nn.Module, path: str | Path) -> None:
     {"state_dict": ...} and/or with "module." prefixes, with fused or split attention weights.
     """
     path = Path(path)
-    state = _split_fused_attention(_read_state_dict(path))
-    expected = model.state_dict()
+    state = split_fused_attention(read_state_dict(path))
+    problems = describe_state_mismatch(state, model.state_dict())
+    if problems:
+        raise ValueError(f"checkpoint {path} does not fit this architecture: {problems}")
+    model.load_state_dict(state, strict=True)
+
+
+def describe_state_mismatch(state: dict, expected: dict) -> str:
+    """'' when `state` fits `expected`, else the first missing, unexpected, mis-shaped keys."""
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
     wrong_shape = [
@@ -279,7 +286,7 @@ def load_clip_weights(model: nn.Module, path: str | Path) -> None:
         for key, value in expected.items()
         if key in state and state[key].shape != value.shape
     ]
-    problems = [
+    return "; ".join(
         f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
         for label, keys in (
             ("missing", missing),
@@ -287,13 +294,10 @@ def load_clip_weights(model: nn.Module, path: str | Path) -> None:
             ("shape", wrong_shape),
         )
         if keys
-    ]
-    if problems:
-        raise ValueError(f"checkpoint {path} does not fit this architecture: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=True)
+    )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -317,7 +321,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
-def _split_fused_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def split_fused_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`*.in_proj_weight/bias` (q, k, v stacked) -> `*.q_proj.weight`, `*.k_proj.weight`, ..."""
     converted: dict[str, torch.Tensor] = {}
     for key, value in state.items():

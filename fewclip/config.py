@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,23 @@ def _peek(key: str, sources: list[dict[str, Any]], default: str) -> str:
             data.get(section, {}).get(name, value) if isinstance(data.get(section), dict) else value
         )
     return str(value)
+
+
+OPT_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")  # a config key: DATASET.ROOT, SEED
+
+
+def split_opts(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(flags and files, `KEY VALUE` opts) of a tool's arguments: a token like DATASET.ROOT and
+    the token after it are an opt wherever they stand, so opts may come before or after flags."""
+    flags, opts, index = [], [], 0
+    while index < len(argv):
+        if OPT_KEY.match(argv[index]) and index + 1 < len(argv):
+            opts += argv[index : index + 2]
+            index += 2
+        else:
+            flags.append(argv[index])
+            index += 1
+    return flags, opts
 
 
 def build_config(

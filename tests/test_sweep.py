@@ -177,8 +177,10 @@ def test_leave_one_center_out_makes_one_fold_per_center(fast_opts):
         opts=fast_opts,
         leave_one_center_out=True,
     )
-    folds = {cfg.RECIPE: (cfg.DATASET.SOURCE_CENTERS, cfg.DATASET.TARGET_CENTERS)
-             for cfg in sweep.configs}
+    folds = {
+        cfg.RECIPE: (cfg.DATASET.SOURCE_CENTERS, cfg.DATASET.TARGET_CENTERS)
+        for cfg in sweep.configs
+    }
     assert folds == {
         "zeroshot-loco_center_a": (["center_b", "center_c"], ["center_a"]),
         "zeroshot-loco_center_b": (["center_a", "center_c"], ["center_b"]),

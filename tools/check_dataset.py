@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fewclip.config import build_config  # noqa: E402
+from fewclip.config import build_config, split_opts  # noqa: E402
 from fewclip.data import (  # noqa: E402
     DEFAULT_CENTER,
     DatasetError,
@@ -32,8 +31,6 @@ from fewclip.data import (  # noqa: E402
     load_image,
 )
 from fewclip.registry import DATASETS  # noqa: E402
-
-OPT_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")  # config keys: DATASET.ROOT, SEED
 
 
 def scan_folder(root: Path) -> tuple[list[Item], list[str]]:
@@ -108,20 +105,6 @@ def check_items(items: list[Item], decode: bool = True) -> tuple[list[str], list
             else:
                 notes.append(f"note: duplicate {line}")
     return problems, notes
-
-
-def split_opts(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(flags and files, `KEY VALUE` opts): a token like DATASET.ROOT and the token after it
-    are an opt wherever they stand, so opts may come before or after the flags."""
-    flags, opts, index = [], [], 0
-    while index < len(argv):
-        if OPT_KEY.match(argv[index]) and index + 1 < len(argv):
-            opts += argv[index : index + 2]
-            index += 2
-        else:
-            flags.append(argv[index])
-            index += 1
-    return flags, opts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,18 +16,15 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fewclip.config import build_config  # noqa: E402
+from fewclip.config import build_config, split_opts  # noqa: E402
 from fewclip.data import DatasetBase, Item  # noqa: E402
 from fewclip.registry import DATASETS  # noqa: E402
-
-OPT_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")  # config keys: DATASET.ROOT, SEED
 from fewclip.splits import build_split  # noqa: E402
 
 
@@ -70,20 +67,6 @@ def load_split_parts(path: Path, dataset: DatasetBase) -> dict[str, list[Item]]:
             )
         found[name] = [by_path[relative] for relative, _ in entries]
     return found
-
-
-def split_opts(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(flags and files, `KEY VALUE` opts): a token like DATASET.ROOT and the token after it
-    are an opt wherever they stand, so opts may come before or after the flags."""
-    flags, opts, index = [], [], 0
-    while index < len(argv):
-        if OPT_KEY.match(argv[index]) and index + 1 < len(argv):
-            opts += argv[index : index + 2]
-            index += 2
-        else:
-            flags.append(argv[index])
-            index += 1
-    return flags, opts
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
-from fewclip.backbones import _read_state_dict, _split_fused_attention
+from fewclip.backbones import describe_state_mismatch, read_state_dict, split_fused_attention
 from fewclip.images import to_model_input
 from fewclip.registry import TRAINERS
 from fewclip.samplers import add_sampler_keys
@@ -63,7 +63,7 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             if state and all(key.startswith(prefix) for key in state):
                 state = {key[len(prefix) :]: value for key, value in state.items()}
                 changed = True
-    return _split_fused_attention(state)
+    return split_fused_attention(state)
 
 
 def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
@@ -76,7 +76,7 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"TRAINER.VITTEACHER.WEIGHTS file {path} does not exist")
-    state = clean_state_dict(_read_state_dict(path))
+    state = clean_state_dict(read_state_dict(path))
     dropped = [key for key in state if key.startswith(("head.", "fc.", "classifier."))]
     state = {key: value for key, value in state.items() if key not in dropped}
     if dropped:
@@ -84,21 +84,9 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
     filter_fn = getattr(sys.modules[type(encoder).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:  # timm: resamples pos_embed, converts legacy layouts
         state = filter_fn(state, encoder)
-    expected = encoder.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    shapes = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
-        if keys
-    ]
+    problems = describe_state_mismatch(state, encoder.state_dict())
     if problems:
-        raise ValueError(f"weights {path} do not fit the encoder: {'; '.join(problems)}")
+        raise ValueError(f"weights {path} do not fit the encoder: {problems}")
     encoder.load_state_dict(state, strict=True)
 
 
