@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fewclip.config import build_config
+from fewclip.hooks import STATE_FILE
 from fewclip.results import read_results
 from fewclip.run import OutputError, cell_lock, execute_run, resolve_run_dir
 
@@ -75,9 +76,9 @@ def test_kill_9_mid_training_then_rerun_completes(fast_opts, tmp_path):
     command = [sys.executable, "-c", RUNNER, str(RECIPE), str(SYNTHETIC), *opts]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
     deadline = time.time() + 120
-    while not (run_dir / "config.yaml").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(3.0)  # well inside training
+    while not (run_dir / STATE_FILE).exists() and time.time() < deadline:
+        time.sleep(0.1)  # the first training state is saved: we are inside training
+    assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     results = read_results(run_dir)
