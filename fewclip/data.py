@@ -7,6 +7,7 @@ summary) lives here so every dataset behaves the same.
 
 from __future__ import annotations
 
+import abc
 import csv
 import dataclasses
 import hashlib
@@ -266,7 +267,7 @@ def _plain(node: object) -> object:
     return node
 
 
-class DatasetBase:
+class DatasetBase(abc.ABC):
     """Base of registered datasets. Subclasses implement `load_items()`.
 
     Attributes after construction: `root`, `class_names`, `items` (sorted by path), `centers`
@@ -299,9 +300,9 @@ class DatasetBase:
             raise DatasetError(f"DATASET.ROOT is empty; {self.name} needs the data folder")
         return Path(os.path.abspath(Path(root).expanduser()))
 
+    @abc.abstractmethod
     def load_items(self) -> tuple[list[str], list[Item]]:
         """Parse the layout under `self.root` into (class names in label order, items)."""
-        raise NotImplementedError(f"{self.name} must implement load_items()")
 
     @property
     def split_key(self) -> str:

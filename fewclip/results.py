@@ -68,7 +68,7 @@ def collect_provenance() -> dict[str, Any]:
         ).stdout
         dirty = bool(status.strip()) if commit else None
     except (OSError, subprocess.SubprocessError):
-        pass
+        pass  # no git here, or not a checkout: provenance records None
     versions = {}
     for package in PACKAGES:
         try:
