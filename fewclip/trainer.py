@@ -150,6 +150,11 @@ class TrainerBase(abc.ABC):
     def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C) class logits for normalised images, used at evaluation."""
 
+    def augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+        """Training augmentation of a batch (B, 3, H, W); methods with per-image maps (ROI
+        masks) override it to move the maps with the same crop."""
+        return augment_batch(images, self.generator, self.cfg.INPUT.CROP_SCALE)
+
     def on_eval_start(self) -> None:
         """Before a round of evaluation batches (e.g. compute text features once)."""
 
@@ -277,7 +282,7 @@ class TrainerBase(abc.ABC):
             indices = next(batches)
             images = self.input_tensor(pixels[torch.as_tensor(indices, device=pixels.device)])
             if self.cfg.INPUT.AUGMENT == "crop_flip":
-                images = augment_batch(images, self.generator, self.cfg.INPUT.CROP_SCALE)
+                images = self.augment(images, indices)
             labels = torch.as_tensor(train.labels[indices], device=self.device)
             # torchrun: every process drew the same global batch and keeps its own part
             images, labels, local = distributed.shard_batch(images, labels, indices)

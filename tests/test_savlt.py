@@ -15,6 +15,7 @@ import trainers  # noqa: F401  (fills the TRAINERS registry)
 from fewclip.config import build_config
 from fewclip.data import Item
 from fewclip.evaluation import validation_score
+from fewclip.images import augment_batch
 from fewclip.prompts import load_prompt_file
 from fewclip.run import execute_run, load_clip
 from fewclip.trainer import ImageSet, build_param_groups
@@ -148,22 +149,34 @@ def test_masks_define_the_region_at_evaluation_and_validation_restores_train_mod
     assert trainer.network.training
 
 
-def test_training_masks_only_without_random_crop(tmp_path):
+def test_training_masks_move_with_the_random_crop(tmp_path):
     items = [
         Item(
             f"/x/{i}.png",
             i % 4,
             CLASS_NAMES[i % 4],
-            mask=write_mask(tmp_path / "m.png", slice(8, 64)),
+            mask=write_mask(tmp_path / "m.png", slice(0, 32)),
         )
         for i in range(8)
     ]
-    cropped = make_trainer()
-    cropped.prepare(make_images(8, items=items))
-    assert cropped.train_masks is None  # the crop would move the masks: the rule is used
+    trainer = make_trainer()
+    trainer.prepare(make_images(8, items=items))
+    assert trainer.train_masks is not None and trainer.train_masks[1].all()
+    # an image whose first channel is the mask itself: after the crop, the warped mask must
+    # still mark the patches where that channel is bright (both moved by the same transform)
+    marker = torch.zeros(8, 3, 64, 64)
+    marker[:, 0, :32] = 1.0
+    state = trainer.generator.get_state()
+    warped = trainer.augment(marker, np.arange(8))
+    rows, columns = trainer.grid
+    expected = torch.nn.functional.adaptive_avg_pool2d(warped[:, :1], (rows, columns)) > 0.5
+    assert torch.equal(trainer.batch_masks[0], expected.flatten(1))
+    assert not torch.equal(trainer.batch_masks[0], trainer.train_masks[0])  # it did move
+    trainer.generator.set_state(state)  # the images got the same crop as without masks
+    assert torch.equal(warped, augment_batch(marker, trainer.generator, (0.5, 1.0)))
     plain = make_trainer("INPUT.AUGMENT", "none")
     plain.fit(make_images(8, items=items), None)
-    assert plain.train_masks is not None and plain.train_masks[1].all()
+    assert plain.batch_masks is None and plain.train_masks[1].all()
 
 
 def test_bad_pooling_is_named():

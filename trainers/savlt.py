@@ -25,7 +25,7 @@ from fewclip.alignment import (
 )
 from fewclip.data import Item
 from fewclip.features import autocast_context
-from fewclip.images import ImageRows, iterate_image_batches
+from fewclip.images import ImageRows, augment_batch, iterate_image_batches
 from fewclip.lora import apply_lora
 from fewclip.pooling import ROI_RULES, StructurePooling, compute_rule_region, load_region_masks
 from fewclip.registry import TRAINERS
@@ -138,13 +138,25 @@ class SAVLT(TrainerBase):
     # ----- training ---------------------------------------------------------------------------
     def prepare(self, train: ImageSet) -> None:
         self.train_masks = self.masks_for(train.items)
-        if self.train_masks is not None and self.cfg.INPUT.AUGMENT != "none":
-            LOGGER.warning(
-                "SAVLT: the random crop (INPUT.AUGMENT %s) would move the ROI masks, so training "
-                "batches use TRAINER.SAVLT.ROI_RULE; masks are used at evaluation",
-                self.cfg.INPUT.AUGMENT,
-            )
-            self.train_masks = None
+        self.batch_masks = None
+
+    def augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+        """The base crop and flip, with each image's ROI mask warped by the same transform:
+        the mask rides as a fourth channel at full resolution, then returns to the patch grid
+        (a patch is in the ROI when most of it is)."""
+        if self.train_masks is None:
+            return super().augment(images, indices)
+        selected = torch.as_tensor(indices, device=self.device)
+        mask, has_mask = self.train_masks[0][selected], self.train_masks[1][selected]
+        rows, columns = self.grid
+        grid_mask = mask.view(len(indices), 1, rows, columns).to(images.dtype)
+        full = F.interpolate(grid_mask, size=images.shape[-2:], mode="nearest")
+        warped = augment_batch(
+            torch.cat([images, full], dim=1), self.generator, self.cfg.INPUT.CROP_SCALE
+        )
+        patch_mask = F.adaptive_avg_pool2d(warped[:, 3:], (rows, columns)) > 0.5
+        self.batch_masks = (patch_mask.flatten(1), has_mask)
+        return warped[:, :3]
 
     def class_text(self) -> torch.Tensor:
         """(C, D) class-description features T; cached when the text tower does not train."""
@@ -158,7 +170,9 @@ class SAVLT(TrainerBase):
         """SAVLT's dual alignment loss (1 - a) * CE(s f T^T, y) + a * CE(s f P^T, y), see
         `fewclip.alignment.compute_dual_alignment_loss`; f from the ROI pooling."""
         masks = None
-        if self.train_masks is not None:
+        if self.batch_masks is not None:  # warped with the crop; this process's part
+            masks = tuple(distributed.shard_batch(*self.batch_masks))
+        elif self.train_masks is not None:  # no augmentation: the masks as loaded
             selected = torch.as_tensor(indices, device=self.device)
             masks = (self.train_masks[0][selected], self.train_masks[1][selected])
         node = self.node
