@@ -292,7 +292,7 @@ class TrainerBase(abc.ABC):
             loss = sum(losses.values())
             global_loss = distributed.reduce_loss(loss, len(local), len(indices))
             if not torch.isfinite(global_loss):
-                raise DivergedError(step, {k: float(v) for k, v in losses.items()})
+                raise DivergedError(step, {k: float(v.detach()) for k, v in losses.items()})
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.average_gradients(params, len(local), len(indices))
