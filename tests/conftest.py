@@ -83,3 +83,14 @@ def fast_opts(tmp_path: Path, shared_cache: Path) -> list[str]:
         "OPTIM.BATCH_SIZE", "8",
         "EVAL.BATCH_SIZE", "64",
     ]  # fmt: skip
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one torch thread, above all on a shared, busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
