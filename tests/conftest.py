@@ -23,6 +23,19 @@ def write_image(path: Path, seed: int = 0, size: int = 8) -> Path:
     return path
 
 
+def write_oct_tree(root: Path, per_class: int, centers=("mixed", "huaxi", "xiangya")) -> Path:
+    """The SAVLT cervical OCT layout, `<center>/images/<class>/<center>_<i>.png`, tiny images."""
+    from datasets.cervical_oct import CLASS_NAMES
+
+    counter = 0
+    for center in centers:
+        for name in CLASS_NAMES:
+            for index in range(per_class):
+                counter += 1
+                write_image(root / center / "images" / name / f"{center}_{index}.png", counter)
+    return root
+
+
 @pytest.fixture
 def image_tree(tmp_path: Path) -> Callable[..., Path]:
     """`image_tree({"cls": 3})` -> root/cls/*.png; `image_tree({"center": {"cls": 3}})` nests."""

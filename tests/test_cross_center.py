@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-from conftest import write_image
+from conftest import write_image, write_oct_tree
 
-from datasets.cervical_oct import CLASS_NAMES as OCT_CLASSES
 from datasets.cervical_oct import CervicalOCT
 from datasets.herlev import CLASS_NAMES as HERLEV_CLASSES
 from fewclip.config import build_config
@@ -23,16 +20,6 @@ from fewclip.label_map import (
 from fewclip.protocol import expand_leave_one_center_out, load_dataset_centers
 from fewclip.run import execute_run
 from fewclip.splits import build_split
-
-
-def make_oct(root: Path, centers=("mixed", "huaxi", "xiangya"), per_class: int = 4) -> Path:
-    counter = 0
-    for center in centers:
-        for name in OCT_CLASSES:
-            for index in range(per_class):
-                counter += 1
-                write_image(root / center / "images" / name / f"{index}.png", seed=counter)
-    return root
 
 
 def test_leave_one_center_out_folds():
@@ -59,7 +46,7 @@ def test_leave_one_center_out_folds():
 
 
 def test_leave_one_center_out_opts_drive_the_split(tmp_path):
-    root = make_oct(tmp_path / "oct")
+    root = write_oct_tree(tmp_path / "oct", per_class=4)
     base = ["DATASET.ROOT", str(root), "OUTPUT_DIR", str(tmp_path / "out")]
     centers = load_dataset_centers("configs/datasets/cervical_oct.yaml", base)
     assert centers == ["huaxi", "mixed", "xiangya"]

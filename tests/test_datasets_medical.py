@@ -7,10 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_image
+from conftest import write_image, write_oct_tree
 
 from datasets.breakhis import BreaKHis
-from datasets.cervical_oct import CLASS_NAMES as OCT_CLASSES
 from datasets.cervical_oct import CervicalOCT
 from datasets.chaoyang import Chaoyang
 from datasets.cric import CRIC
@@ -134,18 +133,8 @@ def test_oral_scc_reads_magnification_folders_and_original_names(make_cfg, tmp_p
     assert OralSCC(cfg).count_table()["400x"] == {"Normal": 1, "OSCC": 1}
 
 
-def make_oct(root: Path, centers=("mixed", "huaxi", "xiangya"), per_class: int = 2) -> Path:
-    counter = 0
-    for center in centers:
-        for name in OCT_CLASSES:
-            for index in range(per_class):
-                counter += 1
-                write_image(root / center / "images" / name / f"{center}_{index}.png", seed=counter)
-    return root
-
-
 def test_cervical_oct_centers_masks_and_class_folder_aliases(make_cfg, tmp_path):
-    root = make_oct(tmp_path / "oct")
+    root = write_oct_tree(tmp_path / "oct", per_class=2)
     write_image(root / "mixed" / "masks" / "cyst" / "mixed_0.png", seed=500)
     dataset = CervicalOCT(make_cfg("CervicalOCT", ROOT=str(root)))
     assert dataset.centers == ["huaxi", "mixed", "xiangya"] and len(dataset.items) == 30
@@ -377,7 +366,7 @@ def test_empty_class_folder_and_missing_class_are_named(make_cfg, tmp_path):
 
 
 def test_class_present_in_one_center_and_not_another_is_named(make_cfg, tmp_path):
-    root = make_oct(tmp_path / "oct")
+    root = write_oct_tree(tmp_path / "oct", per_class=2)
     for file in (root / "xiangya" / "images" / "cyst").iterdir():
         file.unlink()
     (root / "xiangya" / "images" / "cyst").rmdir()
