@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import difflib
+import hashlib
+import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,17 @@ from yacs.config import CfgNode
 
 from fewclip.registry import DATASETS, TRAINERS
 
+# Keys that say where or how verbosely a run writes, not what it computes (not in the config hash).
+NON_SEMANTIC_KEYS = (
+    "OUTPUT_DIR",
+    "RUN_DIR",
+    "VERBOSE",
+    "CACHE_DIR",
+    "PLUGINS",
+    "TENSORBOARD",
+    "CHECKPOINT",
+    "PERF",  # speed only (channels_last, compile, device-held images)
+)
 # Lists whose default is empty hold strings (class and center names) unless listed here.
 INT_LIST_KEYS = {"LORA.LAYERS", "EVAL.RETRIEVAL"}
 
@@ -305,9 +318,6 @@ def build_config(
         from fewclip.registry import load_plugins
 
         load_plugins(plugins)
-    import datasets  # noqa: F401  (fills the registries)
-    import trainers  # noqa: F401
-
     trainer_name = raw_opts.get(
         "TRAINER.NAME", _peek("TRAINER.NAME", peek_sources, cfg.TRAINER.NAME)
     )
@@ -339,6 +349,12 @@ def attach_nodes(cfg: CfgNode, trainer_name: str, dataset_name: str) -> None:
         node = cls.config_node() if hasattr(cls, "config_node") else None
         if node is not None:
             parent[cls.config_key()] = node
+
+
+def compute_config_hash(cfg: CfgNode) -> str:
+    """Hash of everything that changes what a run computes (not where it writes)."""
+    data = {k: v for k, v in config_to_dict(cfg).items() if k not in NON_SEMANTIC_KEYS}
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_to_dict(cfg: CfgNode) -> dict[str, Any]:

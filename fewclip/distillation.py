@@ -23,7 +23,7 @@ from yacs.config import CfgNode
 from fewclip.backbones import build_clip
 from fewclip.data import Item
 from fewclip.images import load_image_array
-from fewclip.registry import DATASETS, TRAINERS
+from fewclip.registry import DATASETS, TRAINERS, load_plugins
 
 
 def distill_config_node() -> CfgNode:
@@ -109,9 +109,7 @@ def load_teacher_run(run_dir: Path, device: torch.device) -> Any:
     if json.loads(results_path.read_text()).get("status") != "complete":
         raise ValueError(f"teacher run {run_dir} did not complete (see its results.json)")
     cfg = CfgNode.load_cfg((run_dir / "config.yaml").read_text())
-    import datasets  # noqa: F401  (fills the registries, as fewclip.config does)
-    import trainers  # noqa: F401
-
+    load_plugins(cfg.PLUGINS)  # a teacher of a plugin trainer (the built-ins are loaded already)
     dataset = DATASETS.get(cfg.DATASET.NAME)(cfg)
     with torch.random.fork_rng(devices=[]):  # the teacher's seeding must not move the student's
         teacher = TRAINERS.get(cfg.TRAINER.NAME)(cfg, build_clip(cfg.MODEL), dataset, device)

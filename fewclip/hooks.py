@@ -1,197 +1,283 @@
-"""Training-loop hooks that are not the method's business: resumable training state, TensorBoard.
+"""The hooks of the training loop: everything around the step that is not the method's business.
 
-The training state (`training_state.pt` in the run folder, every CHECKPOINT.EVERY steps) holds
-what the next step depends on: trainable tensors, optimizer, the batch stream (sampler attributes,
-leftover indices), the seeded generator and torch's RNG, the best-validation state and history.
-It is written atomically with a SHA-256 of its body, so a half-written or corrupted file is
-detected and ignored (training restarts from step 0), as is one written under another config.
+`TrainerBase.fit` owns the step (batch -> losses -> backward -> optimizer step); the hooks here
+own the rest, each at the points it needs, in the order `build_hooks` lists them:
+
+    on_fit_start   resume from the training state, join the process group, open the logs
+    before_step    the learning rate of this step
+    before_forward torchrun: keep this process's part of the global batch
+    after_forward  torchrun: the global loss of the step (for the divergence check)
+    after_backward torchrun: average the gradients over processes
+    after_step     sampler feedback, logs, validation and selection, the training state
+    on_fit_end     close the logs, drop the training state, select the weights, report
+
+A hook reads and writes the shared `FitContext`; the loop never branches on what a hook does.
+The resumable state itself (file format, batch stream) is in fewclip/training_state.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import copy
 import logging
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fewclip.images import write_atomic_bytes
-from fewclip.samplers import SamplerBase
+from fewclip import distributed
+from fewclip.config import compute_config_hash
+from fewclip.training_state import (
+    STATE_FILE,
+    BatchStream,
+    capture_rng,
+    load_training_state,
+    restore_rng,
+    save_training_state,
+)
 
 LOGGER = logging.getLogger(__name__)
-STATE_FILE = "training_state.pt"
-MAGIC = b"FEWCLIP-TRAINING-STATE-1\n"
-_NOT_SAMPLER_STATE = ("labels", "generator", "cfg")  # rebuilt from the run, not saved
 
 
-class BatchStream:
-    """Endless stream of index batches from a sampler, with a state that can be saved.
+@dataclass
+class FitContext:
+    """What the loop and its hooks share during one `fit`."""
 
-    Leftovers of one epoch are topped up from the next, so every batch has `batch_size` items.
+    trainer: Any  # the TrainerBase being trained
+    train: Any  # the training ImageSet
+    val: Any  # the validation ImageSet, or None
+    evaluate_fn: Any  # (trainer, ImageSet) -> validation score, or None
+    optimizer: torch.optim.Optimizer
+    batches: BatchStream
+    params: list[torch.nn.Parameter]
+    total: int  # number of steps
+    first_step: int = 0  # > 0 when resumed from a training state
+    step: int = 0  # the current step (0-based)
+    images: torch.Tensor | None = None  # the step's (B, 3, H, W) input, this process's part
+    labels: torch.Tensor | None = None  # (B,) labels of `images`
+    indices: np.ndarray | None = None  # training-set rows of `images`
+    global_size: int = 0  # rows of the global batch (all processes)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None  # sum of `losses` (this process)
+    global_loss: torch.Tensor | None = None  # the loss of the global batch
+    best: dict[str, Any] = field(
+        default_factory=lambda: {"score": -math.inf, "state": None, "step": None}
+    )
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def last(self) -> bool:
+        return self.step == self.total - 1
+
+
+class Hook:
+    """A no-op at every point; subclasses override the points they need."""
+
+    def on_fit_start(self, ctx: FitContext) -> None: ...
+
+    def before_step(self, ctx: FitContext) -> None: ...
+
+    def before_forward(self, ctx: FitContext) -> None: ...
+
+    def after_forward(self, ctx: FitContext) -> None: ...
+
+    def after_backward(self, ctx: FitContext) -> None: ...
+
+    def after_step(self, ctx: FitContext) -> None: ...
+
+    def on_fit_end(self, ctx: FitContext, report: dict[str, Any]) -> None: ...
+
+
+def compute_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine from 1 to `min_ratio` over the remaining steps (per iteration)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LearningRateHook(Hook):
+    """OPTIM.LR with OPTIM.WARMUP_ITERS linear warm-up, then cosine down to OPTIM.MIN_LR."""
+
+    def before_step(self, ctx: FitContext) -> None:
+        optim = ctx.trainer.cfg.OPTIM
+        min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
+        factor = compute_lr_factor(ctx.step, ctx.total, optim.WARMUP_ITERS, min_ratio)
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = optim.LR * factor
+
+
+class DistributedHook(Hook):
+    """torchrun: equal start, each process its part of the global batch, averaged gradients.
+
+    Outside torchrun every call is the identity (one process holds the whole batch).
     """
 
-    def __init__(self, sampler: SamplerBase, batch_size: int) -> None:
-        self.sampler = sampler
-        self.batch_size = batch_size
-        self.buffer = np.zeros(0, dtype=np.int64)
+    def on_fit_start(self, ctx: FitContext) -> None:
+        distributed.broadcast_parameters(ctx.params)  # after a resume: every process starts equal
 
-    def __iter__(self) -> BatchStream:
-        return self
+    def before_forward(self, ctx: FitContext) -> None:
+        ctx.global_size = len(ctx.indices)
+        ctx.images, ctx.labels, ctx.indices = distributed.shard_batch(
+            ctx.images, ctx.labels, ctx.indices
+        )
 
-    def __next__(self) -> np.ndarray:
-        while len(self.buffer) < self.batch_size:
-            epoch = self.sampler.epoch_indices().astype(np.int64)
-            self.buffer = np.concatenate([self.buffer, epoch])
-        batch, self.buffer = self.buffer[: self.batch_size], self.buffer[self.batch_size :]
-        return batch
+    def after_forward(self, ctx: FitContext) -> None:
+        ctx.global_loss = distributed.reduce_loss(ctx.loss, len(ctx.indices), ctx.global_size)
 
-    def state_dict(self) -> dict[str, Any]:
-        sampler = {k: v for k, v in vars(self.sampler).items() if k not in _NOT_SAMPLER_STATE}
-        return {"buffer": self.buffer.copy(), "sampler": sampler}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffer = np.asarray(state["buffer"], dtype=np.int64)
-        for key, value in state["sampler"].items():
-            setattr(self.sampler, key, value)
+    def after_backward(self, ctx: FitContext) -> None:
+        distributed.average_gradients(ctx.params, len(ctx.indices), ctx.global_size)
 
 
-def save_training_state(path: str | Path, payload: dict[str, Any]) -> None:
-    """Atomically write MAGIC + sha256 hex of the body + newline + torch.save(payload)."""
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    body = buffer.getvalue()
-    digest = hashlib.sha256(body).hexdigest().encode()
-    write_atomic_bytes(Path(path), MAGIC + digest + b"\n" + body)
+class SamplerFeedbackHook(Hook):
+    """Samplers that learn from training (difficulty) hear p(true class) of every batch."""
+
+    def after_step(self, ctx: FitContext) -> None:
+        trainer, sampler = ctx.trainer, ctx.batches.sampler
+        if trainer.batch_logits is not None:
+            with torch.no_grad():
+                probabilities = torch.softmax(trainer.batch_logits.detach().float(), dim=-1)
+                true_class = probabilities.gather(1, ctx.labels[:, None]).squeeze(1)
+            # torchrun: every process's sampler hears the whole global batch, so they stay equal
+            sampler.update(
+                distributed.gather_concatenated(np.asarray(ctx.indices)),
+                distributed.gather_concatenated(true_class.cpu().numpy()),
+            )
+        elif getattr(sampler, "needs_feedback", False):
+            raise RuntimeError(
+                f"sampler {trainer.node.SAMPLER!r} needs the batch logits, but "
+                f"{type(trainer).__name__}.compute_losses does not set self.batch_logits"
+            )
+
+    def on_fit_end(self, ctx: FitContext, report: dict[str, Any]) -> None:
+        if ctx.batches.sampler.state():
+            ctx.trainer.report["sampler"] = ctx.batches.sampler.state()
 
 
-def load_training_state(path: str | Path, config_hash: str) -> dict[str, Any] | None:
-    """The saved payload, or None when absent, truncated, corrupted or from another config."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    data = path.read_bytes()
-    header_end = len(MAGIC) + 64
-    body = data[header_end + 1 :]
-    digest = data[len(MAGIC) : header_end].decode(errors="replace")
-    if not data.startswith(MAGIC) or hashlib.sha256(body).hexdigest() != digest:
-        LOGGER.warning("ignoring incomplete or corrupted training state %s", path)
-        return None
-    # weights_only=False: the body holds numpy sampler state; its hash was checked above.
-    payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=False)
-    if payload.get("config_hash") != config_hash:
-        LOGGER.warning("ignoring training state %s written under another config", path)
-        return None
-    return payload
+class ValidationHook(Hook):
+    """Validation every EVAL.VAL_EVERY steps and at the last; EVAL.SELECT picks the weights.
 
-
-def capture_rng() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class ScalarLog:
-    """TensorBoard scalars of one run: losses and learning rate per step, validation score.
-
-    torch.utils.tensorboard is imported only here, when cfg.TENSORBOARD is on.
+    Validation data only: the test set is never seen here.
     """
 
-    def __init__(self, log_dir: str | Path) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+    def after_step(self, ctx: FitContext) -> None:
+        every = ctx.trainer.cfg.EVAL.VAL_EVERY
+        if ctx.val is None or ctx.evaluate_fn is None:
+            return
+        if not (ctx.last or (every and (ctx.step + 1) % every == 0)):
+            return
+        score = ctx.evaluate_fn(ctx.trainer, ctx.val)  # eval mode, then back to train mode
+        ctx.history.append(
+            {"step": ctx.step + 1, "val_score": score, "loss": float(ctx.global_loss)}
+        )
+        if score > ctx.best["score"]:
+            state = copy.deepcopy(ctx.trainer.checkpoint_state())
+            ctx.best = {"score": score, "state": state, "step": ctx.step + 1}
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def log_step(self, step: int, losses: dict[str, torch.Tensor], lr: float) -> None:
-        total = 0.0
-        for name, value in losses.items():
-            value = float(value.detach() if isinstance(value, torch.Tensor) else value)
-            total += value
-            self.writer.add_scalar(f"loss/{name}", value, step)
-        self.writer.add_scalar("loss/total", total, step)
-        self.writer.add_scalar("lr", lr, step)
-
-    def log_validation(self, step: int, score: float) -> None:
-        self.writer.add_scalar("val/score", score, step)  # EVAL.SELECT criterion
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def training_state_path(trainer: Any) -> Path | None:
-    """<run dir>/training_state.pt when the run set `trainer.run_dir` and CHECKPOINT.EVERY > 0."""
-    if getattr(trainer, "run_dir", None) is None or trainer.cfg.CHECKPOINT.EVERY <= 0:
-        return None
-    return Path(trainer.run_dir) / STATE_FILE
+    def on_fit_end(self, ctx: FitContext, report: dict[str, Any]) -> None:
+        select_best = ctx.trainer.cfg.EVAL.SELECT == "best_val"
+        if select_best and ctx.best["state"] is not None:
+            ctx.trainer.load_checkpoint_state(ctx.best["state"])
+        report["val_history"] = ctx.history
+        report["selected_step"] = ctx.best["step"] if select_best else ctx.total
 
 
-def _config_hash(trainer: Any) -> str:
-    from fewclip.run import compute_config_hash  # run imports the trainer module
+class TrainingStateHook(Hook):
+    """Resume from <run dir>/training_state.pt; save it every CHECKPOINT.EVERY steps (rank 0);
+    delete it when training reaches its last step. Off without a run folder or with EVERY 0."""
 
-    return compute_config_hash(trainer.cfg)
+    def __init__(self, run_dir: str | Path | None, every: int) -> None:
+        self.path = Path(run_dir) / STATE_FILE if run_dir is not None and every > 0 else None
+        self.every = every
 
+    def on_fit_start(self, ctx: FitContext) -> None:
+        if self.path is None:
+            return
+        trainer = ctx.trainer
+        payload = load_training_state(self.path, compute_config_hash(trainer.cfg))
+        if payload is None:
+            return
+        trainer.load_checkpoint_state(payload["trainable"])
+        ctx.optimizer.load_state_dict(payload["optimizer"])
+        ctx.batches.load_state_dict(payload["batches"])
+        trainer.generator.set_state(payload["generator"])
+        restore_rng(payload["rng"])
+        ctx.first_step, ctx.best, ctx.history = payload["step"], payload["best"], payload["history"]
+        LOGGER.info("resuming %s from step %d", self.path.parent, ctx.first_step)
 
-def save_training(
-    trainer: Any, step: int, optimizer: torch.optim.Optimizer, batches: BatchStream, extra: dict
-) -> None:
-    """Write the training state after `step` steps if a checkpoint is due (rank 0 only)."""
-    from fewclip.distributed import is_main_process
+    def after_step(self, ctx: FitContext) -> None:
+        step = ctx.step + 1
+        if self.path is None or ctx.last or step % self.every or not distributed.is_main_process():
+            return
+        trainer = ctx.trainer
+        payload = {
+            "config_hash": compute_config_hash(trainer.cfg),
+            "step": step,
+            "trainable": trainer.checkpoint_state(),
+            "optimizer": ctx.optimizer.state_dict(),
+            "batches": ctx.batches.state_dict(),
+            "generator": trainer.generator.get_state(),
+            "rng": capture_rng(),
+            "best": ctx.best,
+            "history": ctx.history,
+        }
+        save_training_state(self.path, payload)
 
-    path = training_state_path(trainer)
-    if path is None or step % trainer.cfg.CHECKPOINT.EVERY or not is_main_process():
-        return
-    payload = {
-        "config_hash": _config_hash(trainer),
-        "step": step,
-        "trainable": trainer.checkpoint_state(),
-        "optimizer": optimizer.state_dict(),
-        "batches": batches.state_dict(),
-        "generator": trainer.generator.get_state(),
-        "rng": capture_rng(),
-        **extra,
-    }
-    save_training_state(path, payload)
-
-
-def resume_training(
-    trainer: Any, optimizer: torch.optim.Optimizer, batches: BatchStream
-) -> dict[str, Any] | None:
-    """Restore the last valid training state into the trainer; returns it (None: start at 0)."""
-    path = training_state_path(trainer)
-    payload = load_training_state(path, _config_hash(trainer)) if path is not None else None
-    if payload is None:
-        return None
-    trainer.load_checkpoint_state(payload["trainable"])
-    optimizer.load_state_dict(payload["optimizer"])
-    batches.load_state_dict(payload["batches"])
-    trainer.generator.set_state(payload["generator"])
-    restore_rng(payload["rng"])
-    LOGGER.info("resuming %s from step %d", path.parent, payload["step"])
-    return payload
-
-
-def finish_training(trainer: Any) -> None:
-    """Training reached its last step: the training state is no longer needed."""
-    from fewclip.distributed import is_main_process
-
-    path = training_state_path(trainer)
-    if path is not None and is_main_process():
-        path.unlink(missing_ok=True)
+    def on_fit_end(self, ctx: FitContext, report: dict[str, Any]) -> None:
+        if self.path is not None and distributed.is_main_process():
+            self.path.unlink(missing_ok=True)
+        report["resumed_from_step"] = ctx.first_step
 
 
-def open_scalar_log(trainer: Any) -> ScalarLog | None:
-    """A TensorBoard log in <run dir>/tensorboard when cfg.TENSORBOARD is on (rank 0 only)."""
-    from fewclip.distributed import is_main_process
+class ScalarLogHook(Hook):
+    """Per-step losses (VERBOSE: to the log every 20 steps; TENSORBOARD: losses, LR and the
+    validation score in <run dir>/tensorboard, rank 0 only). TensorBoard is imported only here,
+    when it is on."""
 
-    if not trainer.cfg.TENSORBOARD or getattr(trainer, "run_dir", None) is None:
-        return None
-    return ScalarLog(Path(trainer.run_dir) / "tensorboard") if is_main_process() else None
+    def __init__(self, run_dir: str | Path | None, tensorboard: bool, verbose: bool) -> None:
+        self.log_dir = Path(run_dir) / "tensorboard" if tensorboard and run_dir else None
+        self.verbose = verbose
+        self.writer = None
+        self.logged_validations = 0
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        if self.log_dir is not None and distributed.is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.logged_validations = len(ctx.history)
+
+    def after_step(self, ctx: FitContext) -> None:
+        values = {name: float(value.detach()) for name, value in ctx.losses.items()}
+        if self.verbose and ctx.step % 20 == 0:
+            LOGGER.info("step %d %s", ctx.step, {k: round(v, 4) for k, v in values.items()})
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(f"loss/{name}", value, ctx.step)
+        self.writer.add_scalar("loss/total", sum(values.values()), ctx.step)
+        self.writer.add_scalar("lr", ctx.optimizer.param_groups[0]["lr"], ctx.step)
+        for entry in ctx.history[self.logged_validations :]:  # EVAL.SELECT criterion
+            self.writer.add_scalar("val/score", entry["val_score"], entry["step"])
+        self.logged_validations = len(ctx.history)
+
+    def on_fit_end(self, ctx: FitContext, report: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def build_hooks(trainer: Any) -> list[Hook]:
+    """The loop's hooks, in the order they run at every point: the state is restored before the
+    log opens and the processes synchronise, and saved after validation updated the best weights
+    and history, so a resumed run continues exactly."""
+    cfg = trainer.cfg
+    return [
+        LearningRateHook(),
+        SamplerFeedbackHook(),
+        ValidationHook(),
+        TrainingStateHook(trainer.run_dir, cfg.CHECKPOINT.EVERY),
+        ScalarLogHook(trainer.run_dir, cfg.TENSORBOARD, cfg.VERBOSE),
+        DistributedHook(),
+    ]

@@ -155,6 +155,15 @@ class ImageRows:
         return array if dtype is None else array.astype(dtype)
 
 
+def take_rows(images: np.ndarray | ImageRows, rows: np.ndarray) -> np.ndarray | ImageRows:
+    """`images[rows]` for contiguous `rows`, still lazy for a store view (read batch by batch)."""
+    if isinstance(images, ImageRows):
+        return ImageRows(images.data, images.rows[rows])
+    if len(rows) == 0:
+        return images[:0]
+    return images[int(rows[0]) : int(rows[-1]) + 1]
+
+
 @dataclass
 class DecodedImages:
     images: np.ndarray | ImageRows  # (N', H, W, 3) uint8: in memory, or a view of the store

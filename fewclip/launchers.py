@@ -16,10 +16,10 @@ from typing import Any
 import submitit
 
 from fewclip.config import ConfigError
+from fewclip.registry import loaded_plugins, restore_plugins
 from fewclip.sweep import Cell, run_cell
 
 LOGGER = logging.getLogger(__name__)
-REPOSITORY = Path(__file__).resolve().parent.parent
 LAUNCHERS = ("local", "slurm", "submitit-local")
 # Sweep-file `slurm:` keys (and the matching CLI flags), with their meaning and defaults.
 SLURM_KEYS = {
@@ -53,9 +53,17 @@ def resolve_slurm_options(spec: dict[str, Any], overrides: dict[str, Any]) -> di
 
 
 class CellTask(submitit.helpers.Checkpointable):
-    """One array task: run one cell (skips it when complete; resumes from its checkpoint)."""
+    """One array task: run one cell (skips it when complete; resumes from its checkpoint).
+
+    It carries the plugin modules and paths of the submitting process and loads them first, so
+    the task knows the same datasets and trainers (fewclip must be installed where it runs).
+    """
+
+    def __init__(self, plugins: dict[str, list[str]] | None = None) -> None:
+        self.plugins = plugins if plugins is not None else loaded_plugins()
 
     def __call__(self, cell: Cell, extra_opts: tuple[str, ...] = ()) -> dict[str, Any]:
+        restore_plugins(self.plugins)
         result = run_cell(cell, extra_opts)
         keep = ("status", "error", "run_dir", "skipped")
         return {key: result[key] for key in keep if key in result}
@@ -67,14 +75,11 @@ def build_executor(launcher: str, folder: str | Path, options: dict[str, Any]) -
         raise ConfigError(f"unknown launcher {launcher!r}; choose one of {list(LAUNCHERS)}")
     cluster = "slurm" if launcher == "slurm" else "local"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    # The task must import fewclip and the registered datasets/trainers from this checkout.
-    setup = [f'export PYTHONPATH="{REPOSITORY}${{PYTHONPATH:+:$PYTHONPATH}}"']
     parameters: dict[str, Any] = {
         "name": "fewclip",
         "timeout_min": options["time"],
         "cpus_per_task": options["cpus"],
         "mem_gb": options["mem_gb"],
-        f"{cluster}_setup": setup,
     }
     if cluster == "slurm":
         parameters.update(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterable
@@ -42,6 +43,12 @@ class Registry:
         lowered = {key.lower(): key for key in self._entries}
         if name.lower() in lowered:
             return self._entries[lowered[name.lower()]]
+        if not self._entries:
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}: no {self.kind}s are registered. Load the built-in"
+                " ones with fewclip.registry.load_installed_plugins() (the fewclip command does),"
+                " after installing fewclip (pip install -e . in its folder)"
+            )
         close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
         raise RegistryError(
@@ -61,6 +68,34 @@ class Registry:
 DATASETS = Registry("dataset")
 TRAINERS = Registry("trainer")
 SAMPLERS = Registry("sampler")
+
+
+PLUGIN_GROUP = "fewclip.plugins"  # entry-point group of installed plugin packages
+# What this process has loaded, so that worker processes (spawned pools, cluster tasks) can load
+# the same: module names (installed plugins, the built-ins among them) and plugin file paths.
+_LOADED: dict[str, list[str]] = {"modules": [], "paths": []}
+
+
+def import_plugin_module(name: str) -> None:
+    """Import one installed module whose `@register` calls fill the registries (once)."""
+    importlib.import_module(name)
+    if name not in _LOADED["modules"]:
+        _LOADED["modules"].append(name)
+
+
+def load_installed_plugins() -> list[str]:
+    """Import every module declared in the `fewclip.plugins` entry-point group; their names.
+
+    fewclip's own datasets and trainers are installed this way (`fewclip_datasets`,
+    `fewclip_trainers`, declared in pyproject.toml), and so is any plugin package a user installs.
+    The command line, the tools and the tests call this; importing the library never does.
+    """
+    from importlib.metadata import entry_points
+
+    names = sorted({entry.value for entry in entry_points(group=PLUGIN_GROUP)})
+    for name in names:
+        import_plugin_module(name)
+    return names
 
 
 def load_plugins(paths: Iterable[str]) -> None:
@@ -84,3 +119,17 @@ def load_plugins(paths: Iterable[str]) -> None:
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module
             spec.loader.exec_module(module)
+        if str(path) not in _LOADED["paths"]:
+            _LOADED["paths"].append(str(path))
+
+
+def loaded_plugins() -> dict[str, list[str]]:
+    """The plugin modules and paths this process loaded (for `restore_plugins` in a worker)."""
+    return {key: list(values) for key, values in _LOADED.items()}
+
+
+def restore_plugins(loaded: dict[str, list[str]]) -> None:
+    """In a fresh process: load what `loaded_plugins()` returned in the parent."""
+    for name in loaded.get("modules", []):
+        import_plugin_module(name)
+    load_plugins(loaded.get("paths", []))

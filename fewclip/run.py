@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -20,7 +18,7 @@ from safetensors.torch import save_file
 from yacs.config import CfgNode
 
 from fewclip.backbones import ClipBundle, build_clip
-from fewclip.config import config_to_dict
+from fewclip.config import compute_config_hash, config_to_dict
 from fewclip.data import DatasetBase, Item
 from fewclip.distributed import broadcast_from_main, is_main_process
 from fewclip.evaluation import evaluate_set, summarise_targets, validation_score
@@ -41,17 +39,6 @@ from fewclip.trainer import DivergedError, ImageSet
 
 LOGGER = logging.getLogger(__name__)
 HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
-# Keys that say where or how verbosely a run writes, not what it computes.
-NON_SEMANTIC_KEYS = (
-    "OUTPUT_DIR",
-    "RUN_DIR",
-    "VERBOSE",
-    "CACHE_DIR",
-    "PLUGINS",
-    "TENSORBOARD",
-    "CHECKPOINT",
-    "PERF",  # speed only (channels_last, compile, device-held images)
-)
 _MODEL_CACHE: dict[tuple[str, str, str], ClipBundle] = {}
 
 
@@ -66,12 +53,6 @@ def resolve_run_dir(cfg: CfgNode) -> Path:
     if cfg.DATASET.TRAIN_FRACTION > 0:  # label-efficiency runs: a share of each class
         shots += f"_fraction_{cfg.DATASET.TRAIN_FRACTION:g}"
     return Path(cfg.OUTPUT_DIR) / cfg.DATASET.NAME / cfg.TRAINER.NAME / cfg.RECIPE / shots / seed
-
-
-def compute_config_hash(cfg: CfgNode) -> str:
-    """Hash of everything that changes what a run computes (not where it writes)."""
-    data = {k: v for k, v in config_to_dict(cfg).items() if k not in NON_SEMANTIC_KEYS}
-    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def select_device(name: str) -> torch.device:

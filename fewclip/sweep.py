@@ -30,6 +30,7 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from fewclip.config import ConfigError, build_config
+from fewclip.registry import loaded_plugins, restore_plugins
 
 LOGGER = logging.getLogger(__name__)
 SWEEP_KEYS = {
@@ -251,9 +252,10 @@ _EVENTS: Path | None = None
 _CURRENT: int | None = None
 
 
-def _init_worker(threads: int, events: str) -> None:
+def _init_worker(threads: int, events: str, plugins: dict[str, list[str]]) -> None:
     global _EVENTS
     _EVENTS = Path(events)
+    restore_plugins(plugins)  # the datasets and trainers the parent registered
     torch.set_num_threads(threads)
     signal.signal(signal.SIGTERM, _on_terminate)
 
@@ -276,9 +278,9 @@ def _run_cell_in_worker(index: int, cell: Cell, extra_opts: tuple[str, ...]) -> 
 
 def record_worker_death(cell: Cell, extra_opts: Sequence[str] = ()) -> dict[str, Any]:
     """Write a failed results.json (and traceback.txt) for a cell whose worker was killed."""
-    from fewclip.config import config_to_dict
+    from fewclip.config import compute_config_hash, config_to_dict
     from fewclip.results import FAILED, write_results
-    from fewclip.run import compute_config_hash, resolve_run_dir
+    from fewclip.run import resolve_run_dir
 
     cfg = build_cell_config(cell, extra_opts)
     run_dir = resolve_run_dir(cfg)
@@ -316,7 +318,7 @@ def _run_pool(
                 min(jobs, len(indices)),
                 mp_context=context,
                 initializer=_init_worker,
-                initargs=(threads, events),
+                initargs=(threads, events, loaded_plugins()),
             ) as pool:
                 futures = {pool.submit(_run_cell_in_worker, i, cells[i], extra): i for i in indices}
                 for future in as_completed(futures):

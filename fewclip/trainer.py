@@ -2,15 +2,16 @@
 
 A trainer subclass registers itself, may declare its own config node, builds its modules in
 `build()`, returns a dict of named losses from `compute_losses` and class logits from
-`compute_logits`. The loop (here) owns the step, the schedule, validation and selection.
+`compute_logits`. The loop (here) owns the step; the hooks beside it (fewclip/hooks.py) own the
+learning rate, validation and selection, the resumable training state, sampler feedback, logging
+and the torchrun glue.
 """
 
 from __future__ import annotations
 
 import abc
-import copy
 import logging
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,9 +37,11 @@ from fewclip.images import (
     augment_batch,
     hold_training_images,
     iterate_image_batches,
+    take_rows,
     to_model_input,
 )
 from fewclip.registry import SAMPLERS
+from fewclip.training_state import BatchStream
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,14 +68,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def compute_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine from 1 to `min_ratio` over the remaining steps (per iteration)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def build_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
@@ -147,8 +142,9 @@ class TrainerBase(abc.ABC):
         )
 
     @abc.abstractmethod
-    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C) class logits for normalised images, used at evaluation."""
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
+        """(B, C) class logits for normalised images, used at evaluation. `items` are the
+        batch's dataset items in the same order (paths, masks, groups), or () when unknown."""
 
     def augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
         """Training augmentation of a batch (B, 3, H, W); methods with per-image maps (ROI
@@ -230,23 +226,6 @@ class TrainerBase(abc.ABC):
         name = self.node.get("SAMPLER", "uniform") if self.node is not None else "uniform"
         return SAMPLERS.get(name)(train.labels, self.generator, self.node)
 
-    def update_sampler(self, sampler, indices: np.ndarray, labels: torch.Tensor) -> None:
-        """Give the sampler p(true class) of the batch, from `batch_logits`."""
-        if self.batch_logits is not None:
-            with torch.no_grad():
-                probabilities = torch.softmax(self.batch_logits.detach().float(), dim=-1)
-                true_class = probabilities.gather(1, labels[:, None]).squeeze(1)
-            # torchrun: every process's sampler hears the whole global batch, so they stay equal
-            sampler.update(
-                distributed.gather_concatenated(np.asarray(indices)),
-                distributed.gather_concatenated(true_class.cpu().numpy()),
-            )
-        elif getattr(sampler, "needs_feedback", False):
-            raise RuntimeError(
-                f"sampler {self.node.SAMPLER!r} needs the batch logits, but "
-                f"{type(self).__name__}.compute_losses does not set self.batch_logits"
-            )
-
     def fit(self, train: ImageSet, val: ImageSet | None, evaluate_fn=None) -> dict[str, Any]:
         """Train for `num_iterations()` steps; validation only for reporting or selection."""
         self.prepare(train)
@@ -256,104 +235,75 @@ class TrainerBase(abc.ABC):
         if not named:
             raise RuntimeError(f"{type(self).__name__} trains but has no trainable parameters")
         optim = self.cfg.OPTIM
-        optimizer = torch.optim.AdamW(build_param_groups(named, optim.WEIGHT_DECAY), lr=optim.LR)
-        total = self.num_iterations()
-        min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
-        sampler = self.build_sampler(train)
         batch_size = min(optim.BATCH_SIZE, len(train))
         distributed.check_batch_size(batch_size)
-        batches = hooks.BatchStream(sampler, batch_size)
+        ctx = hooks.FitContext(
+            trainer=self,
+            train=train,
+            val=val,
+            evaluate_fn=evaluate_fn,
+            optimizer=torch.optim.AdamW(build_param_groups(named, optim.WEIGHT_DECAY), lr=optim.LR),
+            batches=BatchStream(self.build_sampler(train), batch_size),
+            params=[p for _, p in named],
+            total=self.num_iterations(),
+        )
+        loop_hooks = hooks.build_hooks(self)
         # decoded once, held for the whole fit (on the GPU when it fits): no per-step reads
         pixels = hold_training_images(train.images, self.device, self.cfg.PERF.DEVICE_IMAGES_MB)
-        params = [p for _, p in named]
-        best = {"score": -math.inf, "state": None, "step": None}
-        history = []
-        resumed = hooks.resume_training(self, optimizer, batches)
-        if resumed is not None:
-            best, history = resumed["best"], resumed["history"]
-        distributed.broadcast_parameters(params)  # torchrun: every process starts equal
-        scalars = hooks.open_scalar_log(self)
+        for hook in loop_hooks:
+            hook.on_fit_start(ctx)
         self.network.train()
-        for step in range(resumed["step"] if resumed else 0, total):
-            for group in optimizer.param_groups:
-                group["lr"] = optim.LR * compute_lr_factor(
-                    step, total, optim.WARMUP_ITERS, min_ratio
-                )
-            indices = next(batches)
-            images = self.input_tensor(pixels[torch.as_tensor(indices, device=pixels.device)])
+        for step in range(ctx.first_step, ctx.total):
+            ctx.step = step
+            for hook in loop_hooks:
+                hook.before_step(ctx)
+            ctx.indices = next(ctx.batches)
+            ctx.images = self.input_tensor(
+                pixels[torch.as_tensor(ctx.indices, device=pixels.device)]
+            )
             if self.cfg.INPUT.AUGMENT == "crop_flip":
-                images = self.augment(images, indices)
-            labels = torch.as_tensor(train.labels[indices], device=self.device)
-            # torchrun: every process drew the same global batch and keeps its own part
-            images, labels, local = distributed.shard_batch(images, labels, indices)
+                ctx.images = self.augment(ctx.images, ctx.indices)
+            ctx.labels = torch.as_tensor(train.labels[ctx.indices], device=self.device)
+            for hook in loop_hooks:
+                hook.before_forward(ctx)
             self.batch_logits = None
             with autocast_context(self.device, self.cfg.PRECISION):
-                losses = self.compute_losses(images, labels, local)
-            loss = sum(losses.values())
-            global_loss = distributed.reduce_loss(loss, len(local), len(indices))
-            if not torch.isfinite(global_loss):
-                raise DivergedError(step, {k: float(v.detach()) for k, v in losses.items()})
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            distributed.average_gradients(params, len(local), len(indices))
+                ctx.losses = self.compute_losses(ctx.images, ctx.labels, ctx.indices)
+            ctx.loss = ctx.global_loss = sum(ctx.losses.values())
+            for hook in loop_hooks:
+                hook.after_forward(ctx)
+            if not torch.isfinite(ctx.global_loss):
+                losses = {k: float(v.detach()) for k, v in ctx.losses.items()}
+                raise DivergedError(ctx.step, losses)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            ctx.loss.backward()
+            for hook in loop_hooks:
+                hook.after_backward(ctx)
             if optim.GRAD_CLIP > 0:
-                torch.nn.utils.clip_grad_norm_(params, optim.GRAD_CLIP)
-            optimizer.step()
-            self.update_sampler(sampler, local, labels)
-            if scalars is not None:
-                scalars.log_step(step, losses, optimizer.param_groups[0]["lr"])
-            if self.cfg.VERBOSE and step % 20 == 0:
-                LOGGER.info("step %d %s", step, {k: round(float(v), 4) for k, v in losses.items()})
-            last = step == total - 1
-            every = self.cfg.EVAL.VAL_EVERY
-            if (
-                val is not None
-                and evaluate_fn is not None
-                and (last or (every and (step + 1) % every == 0))
-            ):
-                score = evaluate_fn(
-                    self, val
-                )  # puts the network in eval mode and back in train mode
-                history.append({"step": step + 1, "val_score": score, "loss": float(global_loss)})
-                if scalars is not None:
-                    scalars.log_validation(step + 1, score)
-                if score > best["score"]:
-                    best = {
-                        "score": score,
-                        "state": copy.deepcopy(self.checkpoint_state()),
-                        "step": step + 1,
-                    }
-            if not last:
-                hooks.save_training(
-                    self, step + 1, optimizer, batches, {"best": best, "history": history}
-                )
-        if scalars is not None:
-            scalars.close()
-        hooks.finish_training(self)
+                torch.nn.utils.clip_grad_norm_(ctx.params, optim.GRAD_CLIP)
+            ctx.optimizer.step()
+            for hook in loop_hooks:
+                hook.after_step(ctx)
         self.network.eval()
-        if sampler.state():
-            self.report["sampler"] = sampler.state()
-        if self.cfg.EVAL.SELECT == "best_val" and best["state"] is not None:
-            self.load_checkpoint_state(best["state"])
-        return {
-            "iterations": total,
-            "val_history": history,
-            "selected_step": best["step"] if self.cfg.EVAL.SELECT == "best_val" else total,
-            "final_loss": float(global_loss),
-            "resumed_from_step": resumed["step"] if resumed else 0,
-        }
+        report = {"iterations": ctx.total, "final_loss": float(ctx.global_loss)}
+        for hook in loop_hooks:
+            hook.on_fit_end(ctx, report)
+        return report
 
     @torch.inference_mode()
-    def predict_logits(self, images: np.ndarray) -> torch.Tensor:
-        """(N, C) logits for uint8 images in eval mode; the previous train/eval mode is restored."""
+    def predict_logits(self, images: Any, items: Sequence[Item] = ()) -> torch.Tensor:
+        """(N, C) logits for uint8 images (N, H, W, 3) in eval mode (the previous mode is
+        restored); each batch's `items` (if given, one per image) reach `compute_logits`."""
         was_training = self.network.training
         self.network.eval()
         self.on_eval_start()
-        outputs = []
-        for uint8_batch in iterate_image_batches(images, self.cfg.EVAL.BATCH_SIZE, self.device):
-            batch = self.input_tensor(uint8_batch)
+        outputs, start, size = [], 0, self.cfg.EVAL.BATCH_SIZE
+        for uint8_batch in iterate_image_batches(images, size, self.device):
+            batch_items = items[start : start + len(uint8_batch)] if len(items) else ()
+            start += len(uint8_batch)
             with autocast_context(self.device, self.cfg.PRECISION):
-                outputs.append(self.compute_logits(batch).float().cpu())
+                logits = self.compute_logits(self.input_tensor(uint8_batch), batch_items)
+            outputs.append(logits.float().cpu())
         self.network.train(was_training)
         return torch.cat(outputs) if outputs else torch.zeros(0, len(self.class_names))
 
@@ -399,7 +349,11 @@ class TrainerBase(abc.ABC):
                     self.image_features(data).to(self.device)
                 )
             return torch.softmax(logits.float().cpu(), dim=-1).numpy()
-        # torchrun: each process predicts its part of the images, gathered back in order
-        return distributed.gather_rows(
-            lambda images: torch.softmax(self.predict_logits(images), dim=-1).numpy(), data.images
-        )
+
+        # torchrun: each process predicts its contiguous rows, gathered back in order
+        def predict(rows: np.ndarray) -> np.ndarray:
+            items = [data.items[i] for i in rows] if data.items else ()
+            logits = self.predict_logits(take_rows(data.images, rows), items)
+            return torch.softmax(logits, dim=-1).numpy()
+
+        return distributed.gather_rows(predict, np.arange(len(data)))

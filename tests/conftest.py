@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 from yacs.config import CfgNode
 
-import datasets  # noqa: F401  (fills the DATASETS registry)
 from fewclip.config import get_cfg_defaults
-from fewclip.registry import DATASETS
+from fewclip.registry import DATASETS, load_installed_plugins
+
+load_installed_plugins()  # the built-in datasets and trainers, as the fewclip command does
 
 
 def write_image(path: Path, seed: int = 0, size: int = 8) -> Path:
@@ -25,7 +26,7 @@ def write_image(path: Path, seed: int = 0, size: int = 8) -> Path:
 
 def write_oct_tree(root: Path, per_class: int, centers=("mixed", "huaxi", "xiangya")) -> Path:
     """The SAVLT cervical OCT layout, `<center>/images/<class>/<center>_<i>.png`, tiny images."""
-    from datasets.cervical_oct import CLASS_NAMES
+    from fewclip_datasets.cervical_oct import CLASS_NAMES
 
     counter = 0
     for center in centers:

@@ -16,7 +16,7 @@ from fewclip.multiview import compute_crop_boxes, compute_multiview_logits
 from fewclip.prompts import load_prompt_file
 from fewclip.run import execute_run
 from fewclip.trainer import build_param_groups
-from trainers.amlpf import AMLPF, LogitScale
+from fewclip_trainers.amlpf import AMLPF, LogitScale
 
 RECIPE, DATA = "configs/trainers/amlpf.yaml", "configs/datasets/synthetic.yaml"
 CLASSES = ["normal", "lsil", "hsil", "carcinoma"]

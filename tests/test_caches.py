@@ -14,7 +14,6 @@ from PIL import Image
 from torchvision import transforms
 from yacs.config import CfgNode
 
-from datasets.synthetic import generate_synthetic
 from fewclip import features as features_module
 from fewclip import images as images_module
 from fewclip.backbones import build_clip
@@ -32,6 +31,7 @@ from fewclip.images import (
 )
 from fewclip.run import execute_run
 from fewclip.trainer import ImageSet
+from fewclip_datasets.synthetic import generate_synthetic
 from tests.conftest import write_image
 
 CONTEXT = multiprocessing.get_context("fork")  # children only decode and copy bytes

@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import trainers  # noqa: F401  (fills the TRAINERS registry)
 from fewclip.config import build_config
 from fewclip.data import Item
 from fewclip.evaluation import validation_score
 from fewclip.prompts import load_prompt_file
 from fewclip.run import execute_run, load_clip
 from fewclip.trainer import ImageSet, build_param_groups
-from trainers.camvla import (
+from fewclip_trainers.camvla import (
     CaMVLA,
     render_attention_overlay,
     save_attention_maps,

@@ -4,6 +4,7 @@ sweep (here with fewer iterations and images) and ends with a table, report and 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,58 @@ def test_demo_command_runs_the_demo_sweep(tmp_path, shared_cache):
     assert list((output / "figures").glob("*.png"))
     results = list(output.rglob("results.json"))
     assert len(results) == 3 * 3 * 2  # trainers x shot counts x seeds
+
+
+def fewclip_command() -> str:
+    """The console script pip installed beside this interpreter (pip install -e .)."""
+    script = Path(sys.executable).parent / "fewclip"
+    assert script.is_file(), f"{script} missing: install the project with pip install -e ."
+    return str(script)
+
+
+def test_installed_command_prints_help_from_any_folder(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [fewclip_command(), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--sweep" in done.stdout and "--recipe" in done.stdout
+    shell = subprocess.run(
+        [sys.executable, str(ROOT / "run_shell.py"), "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    flags = [set(re.findall(r"--[a-z-]+", out.stdout)) for out in (done, shell)]
+    assert shell.returncode == 0 and flags[0] == flags[1]  # one program, two names
+
+
+def test_installed_command_runs_built_in_trainers_from_another_folder(tmp_path, shared_cache):
+    """Outside the checkout, the built-in datasets and trainers are there (entry points)."""
+    command = [
+        fewclip_command(),
+        "--recipe", str(ROOT / "configs/trainers/zeroshot.yaml"),
+        "--dataset-config", str(ROOT / "configs/datasets/synthetic.yaml"),
+        "--shots", "1", "--seeds", "1",
+        "OUTPUT_DIR", "out", "CACHE_DIR", str(shared_cache),
+        "DATASET.SYNTHETIC.IMAGES_PER_CLASS", "12",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list((tmp_path / "out").rglob("results.json"))) == 1
+
+
+def test_unknown_trainer_is_one_line_from_the_command(tmp_path):
+    command = [
+        fewclip_command(),
+        "--recipe", str(ROOT / "configs/trainers/zeroshot.yaml"),
+        "--dataset-config", str(ROOT / "configs/datasets/synthetic.yaml"),
+        "--shots", "1", "--seeds", "1", "TRAINER.NAME", "ClipLoraa", "OUTPUT_DIR", "out",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "unknown trainer 'ClipLoraa'" in done.stderr and "CLIPLoRA" in done.stderr

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 from conftest import write_image, write_oct_tree
 
-from datasets.cervical_oct import CervicalOCT
-from datasets.herlev import CLASS_NAMES as HERLEV_CLASSES
 from fewclip.config import build_config
 from fewclip.data import DatasetError
 from fewclip.label_map import (
@@ -20,6 +18,8 @@ from fewclip.label_map import (
 from fewclip.protocol import expand_leave_one_center_out, load_dataset_centers
 from fewclip.run import execute_run
 from fewclip.splits import build_split
+from fewclip_datasets.cervical_oct import CervicalOCT
+from fewclip_datasets.herlev import CLASS_NAMES as HERLEV_CLASSES
 
 
 def test_leave_one_center_out_folds():

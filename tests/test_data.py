@@ -7,11 +7,11 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
-from datasets.csv_dataset import CSVDataset
-from datasets.image_folder import ImageFolder
-from datasets.synthetic import SyntheticMultiCenter
 from fewclip.data import DatasetError, ImageError, load_image
 from fewclip.prompts import PromptError, build_default_prompts, load_prompt_file
+from fewclip_datasets.csv_dataset import CSVDataset
+from fewclip_datasets.image_folder import ImageFolder
+from fewclip_datasets.synthetic import SyntheticMultiCenter
 
 
 def small_synthetic(make_cfg, cache_dir):

@@ -9,19 +9,19 @@ from pathlib import Path
 import pytest
 from conftest import write_image, write_oct_tree
 
-from datasets.breakhis import BreaKHis
-from datasets.cervical_oct import CervicalOCT
-from datasets.chaoyang import Chaoyang
-from datasets.cric import CRIC
-from datasets.herlev import CLASS_NAMES as HERLEV_CLASSES
-from datasets.herlev import Herlev
-from datasets.hicervix import HiCervix
-from datasets.lunghist700 import LungHist700
-from datasets.oral_scc import OralSCC
-from datasets.sipakmed import SIPaKMeD
 from fewclip.data import DatasetError
 from fewclip.registry import DATASETS
 from fewclip.splits import SplitError, build_split
+from fewclip_datasets.breakhis import BreaKHis
+from fewclip_datasets.cervical_oct import CervicalOCT
+from fewclip_datasets.chaoyang import Chaoyang
+from fewclip_datasets.cric import CRIC
+from fewclip_datasets.herlev import CLASS_NAMES as HERLEV_CLASSES
+from fewclip_datasets.herlev import Herlev
+from fewclip_datasets.hicervix import HiCervix
+from fewclip_datasets.lunghist700 import LungHist700
+from fewclip_datasets.oral_scc import OralSCC
+from fewclip_datasets.sipakmed import SIPaKMeD
 
 MEDICAL = [
     "BreaKHis", "CRIC", "CervicalOCT", "Chaoyang", "Herlev",

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from fewclip import distributed
 from fewclip.config import build_config
+from fewclip.registry import load_installed_plugins
 from fewclip.run import execute_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,6 +69,7 @@ def ddp_worker(rank: int, world_size: int, port: int, tmp_path: Path, cache: Pat
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
+    load_installed_plugins()  # a spawned process starts with empty registries
     assert distributed.init_from_env() and distributed.world_size() == 2
     try:
         check_collectives(rank)

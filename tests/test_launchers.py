@@ -11,6 +11,7 @@ import pytest
 from fewclip.config import ConfigError
 from fewclip.launchers import (
     SLURM_KEYS,
+    CellTask,
     build_executor,
     resolve_slurm_options,
     submit_cells,
@@ -53,7 +54,9 @@ def test_slurm_executor_gets_partition_gpus_time_and_array_parallelism(tmp_path,
     assert "#SBATCH --partition=a100" in script
     assert "#SBATCH --gpus-per-node=2" in script
     assert f"#SBATCH --time={SLURM_KEYS['time']}" in script
-    assert f'export PYTHONPATH="{REPO}' in script  # tasks import this checkout
+    assert "PYTHONPATH" not in script  # the installed package, never the checkout's folders
+    task = CellTask()  # carries what this process registered to the task's fresh process
+    assert {"fewclip_datasets", "fewclip_trainers"} <= set(task.plugins["modules"])
     with pytest.raises(ConfigError, match="launcher"):
         build_executor("kubernetes", tmp_path, options)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from datasets.herlev import Herlev, field_of_view
-from datasets.oral_scc import OralSCC
 from fewclip.config import build_config
 from fewclip.run import execute_run
 from fewclip.splits import build_split
+from fewclip_datasets.herlev import Herlev, field_of_view
+from fewclip_datasets.oral_scc import OralSCC
 
 REAL_DATA = Path(os.environ.get("FEWCLIP_REAL_DATA", "/nonexistent/fewclip-real-data"))
 pytestmark = [

@@ -22,7 +22,6 @@ def test_duplicate_name_is_an_error():
 
 
 def test_unknown_name_names_closest_match_and_lists_all():
-    import trainers  # noqa: F401
 
     with pytest.raises(RegistryError) as error:
         TRAINERS.get("CLIPLora2")

@@ -61,7 +61,9 @@ def test_a_cell_held_by_another_process_is_left_alone(fast_opts):
 RUNNER = """
 import sys
 from fewclip.config import build_config
+from fewclip.registry import load_installed_plugins
 from fewclip.run import execute_run
+load_installed_plugins()
 cfg = build_config(sys.argv[1], sys.argv[2], sys.argv[3:])
 print(execute_run(cfg)["status"])
 """
@@ -72,7 +74,7 @@ def test_kill_9_mid_training_then_rerun_completes(fast_opts, tmp_path):
     opts = [*fast_opts, "OPTIM.MAX_ITERS", "600", "CHECKPOINT.EVERY", "25"]
     cfg = build_config(RECIPE, SYNTHETIC, opts)
     run_dir = resolve_run_dir(cfg)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", RUNNER, str(RECIPE), str(SYNTHETIC), *opts]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
     deadline = time.time() + 120

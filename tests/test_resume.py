@@ -15,7 +15,7 @@ from fewclip.hooks import STATE_FILE, BatchStream, load_training_state, save_tra
 from fewclip.registry import TRAINERS
 from fewclip.run import execute_run
 from fewclip.samplers import UniformSampler
-from trainers.clip_lora import CLIPLoRA
+from fewclip_trainers.clip_lora import CLIPLoRA
 
 REPO = Path(__file__).resolve().parent.parent
 

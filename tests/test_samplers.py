@@ -11,6 +11,7 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from fewclip.config import get_cfg_defaults
+from fewclip.hooks import SamplerFeedbackHook
 from fewclip.registry import SAMPLERS
 from fewclip.samplers import (
     add_sampler_keys,
@@ -107,7 +108,7 @@ class _ToyTrainer(TrainerBase):
             self.batch_logits = logits
         return {"cross_entropy": nn.functional.cross_entropy(logits, labels)}
 
-    def compute_logits(self, images):
+    def compute_logits(self, images, items=()):
         return self.network["head"](images.mean(dim=(2, 3)))
 
 
@@ -126,7 +127,13 @@ def test_loop_gives_the_sampler_softmax_probability_of_the_true_class():
     received = []
     spy = SimpleNamespace(update=lambda indices, p: received.append((indices, p)))
     trainer.batch_logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
-    trainer.update_sampler(spy, np.array([5, 7]), torch.tensor([1, 0]))
+    ctx = SimpleNamespace(
+        trainer=trainer,
+        batches=SimpleNamespace(sampler=spy),
+        indices=np.array([5, 7]),
+        labels=torch.tensor([1, 0]),
+    )
+    SamplerFeedbackHook().after_step(ctx)
     indices, true_class = received[0]
     np.testing.assert_array_equal(indices, [5, 7])
     np.testing.assert_allclose(true_class, [0.5, np.exp(2) / (np.exp(2) + 1)], rtol=1e-6)

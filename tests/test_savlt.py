@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-import trainers  # noqa: F401  (fills the TRAINERS registry)
 from fewclip.config import build_config
 from fewclip.data import Item
 from fewclip.evaluation import validation_score
@@ -19,7 +18,7 @@ from fewclip.images import augment_batch
 from fewclip.prompts import load_prompt_file
 from fewclip.run import execute_run, load_clip
 from fewclip.trainer import ImageSet, build_param_groups
-from trainers.savlt import SAVLT
+from fewclip_trainers.savlt import SAVLT
 
 CLASS_NAMES = ["normal", "lsil", "hsil", "carcinoma"]
 RECIPE = "configs/trainers/savlt.yaml"
@@ -140,7 +139,7 @@ def test_masks_define_the_region_at_evaluation_and_validation_restores_train_mod
     with torch.no_grad():
         trainer.network.eval()
         trainer.on_eval_start()
-        direct = torch.softmax(trainer.compute_logits(images, masks), dim=-1).numpy()
+        direct = torch.softmax(trainer.compute_logits(images, items), dim=-1).numpy()
         plain = torch.softmax(trainer.compute_logits(images), dim=-1).numpy()
     assert np.allclose(probabilities, direct, atol=1e-6)
     assert not np.allclose(probabilities[0], plain[0])
@@ -194,13 +193,14 @@ def test_end_to_end_run_on_synthetic_data(fast_opts):
 
 def test_end_to_end_run_with_mask_column(tmp_path, shared_cache, monkeypatch):
     """A CSV dataset with ROI masks: the masks reach evaluation through the decoded-image store."""
-    seen, original = [], SAVLT.predict_rows
+    seen, original = [], SAVLT.masks_for
 
-    def spy(self, images, rows, masks):
-        seen.append((len(rows), masks[1].all().item()))
-        return original(self, images, rows, masks)
+    def spy(self, items):
+        masks = original(self, items)
+        seen.append((len(items), masks is not None and bool(masks[1].all())))
+        return masks
 
-    monkeypatch.setattr(SAVLT, "predict_rows", spy)
+    monkeypatch.setattr(SAVLT, "masks_for", spy)
     data = tmp_path / "data"
     data.mkdir()
     rows = ["path,label,split,mask"]

@@ -8,10 +8,10 @@ import random
 import pytest
 from conftest import write_image
 
-from datasets.csv_dataset import CSVDataset
-from datasets.image_folder import ImageFolder
 from fewclip.data import Item
 from fewclip.splits import SplitError, build_split, partition_groups, sample_few_shot
+from fewclip_datasets.csv_dataset import CSVDataset
+from fewclip_datasets.image_folder import ImageFolder
 
 
 def make_items(per_class: int, classes=("a", "b"), centers=("c1",), groups: int = 0) -> list[Item]:

@@ -22,7 +22,7 @@ PLUGIN = """
 import os, signal, time
 from pathlib import Path
 from fewclip.registry import TRAINERS
-from trainers.zeroshot import ZeroShotCLIP
+from fewclip_trainers.zeroshot import ZeroShotCLIP
 
 @TRAINERS.register()
 class FlakyZeroShot(ZeroShotCLIP):

@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-import trainers  # noqa: F401
 from fewclip.config import build_config
 from fewclip.evaluation import evaluate_set, validation_score
 from fewclip.registry import DATASETS, TRAINERS
@@ -44,8 +43,12 @@ def build_everything(trainer_name: str, opts: list[str]):
 
 # The package's trainers (tests may register throw-away trainers of their own).
 PACKAGE_TRAINERS = [
-    n for n in TRAINERS.names() if TRAINERS.get(n).__module__.startswith("trainers.")
+    n for n in TRAINERS.names() if TRAINERS.get(n).__module__.startswith("fewclip_trainers.")
 ]
+
+
+def test_every_built_in_trainer_is_under_contract():
+    assert len(PACKAGE_TRAINERS) >= 7 and "CLIPLoRA" in PACKAGE_TRAINERS
 
 
 @pytest.mark.parametrize("trainer_name", PACKAGE_TRAINERS)
@@ -89,9 +92,9 @@ def test_training_mode_restored_after_mid_training_validation(fast_opts):
         modes.append(trainer.network.training)
         return original_losses(images, labels, indices)
 
-    def spy_logits(images):
+    def spy_logits(images, items=()):
         eval_modes.append(trainer.network.training)
-        return original_logits(images)
+        return original_logits(images, items)
 
     trainer.compute_losses, trainer.compute_logits = spy_losses, spy_logits
     trainer.fit(train, val, validation_score)
@@ -107,3 +110,18 @@ def test_optimizer_never_holds_a_parameter_twice(fast_opts):
     groups = build_param_groups(named + named[:3], 0.1)  # a shared parameter listed twice
     ids = [id(p) for group in groups for p in group["params"]]
     assert len(ids) == len(set(ids)) == len(named)
+
+
+def test_each_evaluation_batch_reaches_compute_logits_with_its_own_items(fast_opts):
+    *_, trainer, _, _, test = build_everything("CLIPLoRA", [*fast_opts, "EVAL.BATCH_SIZE", "3"])
+    seen, original = [], trainer.compute_logits
+
+    def spy_logits(images, items=()):
+        assert len(items) == len(images)
+        seen.append([item.path for item in items])
+        return original(images, items)
+
+    trainer.compute_logits = spy_logits
+    trainer.predict_probabilities(test)
+    assert [path for batch in seen for path in batch] == [item.path for item in test.items]
+    assert len(test) > 3 and max(len(batch) for batch in seen) == 3

@@ -14,7 +14,12 @@ from fewclip.config import build_config
 from fewclip.registry import DATASETS
 from fewclip.run import execute_run
 from fewclip.splits import SplitError, build_split, draw_split, split_file_path
-from trainers.vit_teacher import ViTTeacher, build_head, build_timm_encoder, load_encoder_weights
+from fewclip_trainers.vit_teacher import (
+    ViTTeacher,
+    build_head,
+    build_timm_encoder,
+    load_encoder_weights,
+)
 
 RECIPE, DATA = "configs/trainers/vit_teacher.yaml", "configs/datasets/synthetic.yaml"
 CLASSES = ["normal", "lsil", "hsil", "carcinoma"]

@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fewclip.aggregate import DEFAULT_METRICS, PRIMARY_METRIC, write_summary  # noqa: E402
-from fewclip.report import write_report  # noqa: E402
+from fewclip.aggregate import DEFAULT_METRICS, PRIMARY_METRIC, write_summary
+from fewclip.report import write_report
 
 
 def main(argv: list[str] | None = None) -> int:

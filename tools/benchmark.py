@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # for `tools.benchmark_reference` (tools/ is not installed)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from fewclip.registry import load_installed_plugins  # noqa: E402
 from tools.benchmark_reference import (  # noqa: E402
     evaluation_pass,
     make_jpeg_dataset,
@@ -227,7 +228,6 @@ CHILDREN = {
 def run_child(name: str, spec: dict, threads: int) -> dict:
     """Run one measurement in a fresh process; return its result and peak memory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     command = [sys.executable, __file__, "--child", name, "--spec", json.dumps(spec)]
     tick = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -293,6 +293,7 @@ def main() -> None:
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    load_installed_plugins()
     if args.child:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         result = CHILDREN[args.child](json.loads(args.spec))

@@ -18,12 +18,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from datasets.synthetic import CENTER_STYLES, CLASS_NAMES, make_cell_image
 from fewclip.data import Item
 from fewclip.features import autocast_context, compute_text_features
 from fewclip.lora import apply_lora
 from fewclip.metrics import compute_metrics
-from trainers.linear_probe import fit_logistic_regression
+from fewclip_datasets.synthetic import CENTER_STYLES, CLASS_NAMES, make_cell_image
+from fewclip_trainers.linear_probe import fit_logistic_regression
 
 
 def make_jpeg_dataset(root: Path, centers: int, per_class: int, size: int) -> Path:

@@ -18,10 +18,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fewclip.config import build_config, split_opts  # noqa: E402
-from fewclip.data import (  # noqa: E402
+from fewclip.config import build_config, split_opts
+from fewclip.data import (
     DEFAULT_CENTER,
     DatasetError,
     ImageError,
@@ -30,7 +28,7 @@ from fewclip.data import (  # noqa: E402
     list_subfolders,
     load_image,
 )
-from fewclip.registry import DATASETS  # noqa: E402
+from fewclip.registry import DATASETS, load_installed_plugins
 
 
 def scan_folder(root: Path) -> tuple[list[Item], list[str]]:
@@ -114,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-decode", action="store_true", help="hash files, do not decode")
     flags, opts = split_opts(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(flags)
+    load_installed_plugins()
     args.opts = opts
     if bool(args.folder) == bool(args.dataset_config):
         parser.error("give a dataset YAML or --folder, not both")

@@ -12,10 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fewclip.aggregate import PRIMARY_METRIC  # noqa: E402
-from fewclip.report import build_comparison, write_report  # noqa: E402
+from fewclip.aggregate import PRIMARY_METRIC
+from fewclip.report import build_comparison, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,12 +20,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from fewclip.config import build_config, split_opts  # noqa: E402
-from fewclip.data import DatasetBase, Item  # noqa: E402
-from fewclip.registry import DATASETS  # noqa: E402
-from fewclip.splits import build_split  # noqa: E402
+from fewclip.config import build_config, split_opts
+from fewclip.data import DatasetBase, Item
+from fewclip.registry import DATASETS, load_installed_plugins
+from fewclip.splits import build_split
 
 
 def make_split_table(dataset: DatasetBase, parts: dict[str, list[Item]]) -> str:
@@ -78,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inspect", default=None, help="print the counts of this split file")
     flags, opts = split_opts(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(flags)
+    load_installed_plugins()
     args.opts = opts
     opts = list(args.opts) + (["OUTPUT_DIR", args.output_dir] if args.output_dir else [])
     base = build_config(None, args.dataset_config, opts)

@@ -1,3 +1,14 @@
-"""Registered trainers: importing this package fills `fewclip.registry.TRAINERS`."""
+"""fewclip's built-in trainers, installed as the package `fewclip_trainers`.
 
-from trainers import amlpf, camvla, clip_lora, linear_probe, savlt, vit_teacher, zeroshot  # noqa: F401
+Importing it fills `fewclip.registry.TRAINERS`; `fewclip.registry.load_installed_plugins()` does
+that (it is declared in pyproject.toml's `fewclip.plugins` entry points). The folder is named
+`trainers/` in the repository, where users look for it (see docs/design.md).
+"""
+
+if __name__ != "fewclip_trainers":
+    raise ImportError(
+        f"fewclip's trainers folder was imported as {__name__!r}: import it as fewclip_trainers "
+        "(pip install -e . in the fewclip folder)"
+    )
+
+from . import amlpf, camvla, clip_lora, linear_probe, savlt, vit_teacher, zeroshot  # noqa: E402, F401

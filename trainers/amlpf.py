@@ -11,6 +11,7 @@ distillation from a ViT teacher (fewclip.distillation). Inference may average mu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+from fewclip.data import Item
 from fewclip.distillation import build_distiller, distill_config_node
 from fewclip.fusion import PromptFusion, compute_level_logits
 from fewclip.lora import apply_lora
@@ -128,7 +130,7 @@ class AMLPF(TrainerBase):
             losses["distillation"] = self.distiller.compute_loss(logits, indices)
         return losses
 
-    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
         views = self.node.MULTIVIEW
         if views.CROPS > 0:
             return compute_multiview_logits(

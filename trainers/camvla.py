@@ -21,6 +21,7 @@ from PIL import Image
 from yacs.config import CfgNode
 
 from fewclip.contrastive import ClassAwareAlignment, compute_multi_positive_infonce
+from fewclip.data import Item
 from fewclip.features import autocast_context
 from fewclip.lora import apply_lora
 from fewclip.registry import TRAINERS
@@ -117,7 +118,7 @@ class CaMVLA(TrainerBase):
         """(B, D) unit-norm image features v."""
         return F.normalize(self.clip.encode_image(images).float(), dim=-1)
 
-    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
         """Cross-modal similarity s * cos(v, t_c) against the class descriptions."""
         return self.node.LOGIT_SCALE * self.compute_image_features(images) @ self.eval_text[0].t()
 

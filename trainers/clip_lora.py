@@ -4,11 +4,14 @@ ITERS_PER_SHOT x shots. Optional: class-balanced samplers and teacher distillati
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+from fewclip.data import Item
 from fewclip.distillation import build_distiller, distill_config_node
 from fewclip.lora import apply_lora
 from fewclip.registry import TRAINERS
@@ -66,7 +69,7 @@ class CLIPLoRA(TrainerBase):
         trains = self.text_trains
         self.eval_text = self.text_features(level) if trains else self.frozen_text_features(level)
 
-    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
         return (
             self.clip.logit_scale.exp() * self.compute_image_features(images) @ self.eval_text.t()
         )

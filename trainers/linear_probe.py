@@ -6,12 +6,15 @@ the CLIP paper's probe protocol); the test set never takes part in the choice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn as nn
 from sklearn.linear_model import LogisticRegression
 from yacs.config import CfgNode
 
+from fewclip.data import Item
 from fewclip.registry import TRAINERS
 from fewclip.trainer import ImageSet, TrainerBase
 
@@ -96,6 +99,6 @@ class LinearProbe(TrainerBase):
     def compute_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.network["head"](features)
 
-    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
         features = torch.nn.functional.normalize(self.clip.encode_image(images), dim=-1)
         return self.compute_logits_from_features(features)

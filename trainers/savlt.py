@@ -11,6 +11,7 @@ uses the same mixture of logits.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,8 +25,7 @@ from fewclip.alignment import (
     compute_dual_alignment_mixture,
 )
 from fewclip.data import Item
-from fewclip.features import autocast_context
-from fewclip.images import ImageRows, augment_batch, iterate_image_batches
+from fewclip.images import augment_batch
 from fewclip.lora import apply_lora
 from fewclip.pooling import ROI_RULES, StructurePooling, compute_rule_region, load_region_masks
 from fewclip.registry import TRAINERS
@@ -191,54 +191,12 @@ class SAVLT(TrainerBase):
     def on_eval_start(self) -> None:
         self.eval_text = self.class_text()
 
-    def compute_logits(
-        self, images: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> torch.Tensor:
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
+        """Dual-alignment logits; each image's ROI mask comes from its item when it has one."""
         return compute_dual_alignment_mixture(
-            self.compute_image_features(images, masks),
+            self.compute_image_features(images, self.masks_for(list(items))),
             self.eval_text,
             self.network["prototypes"](),
             self.node.LOGIT_SCALE,
             self.node.PROTOTYPE_WEIGHT,
         )
-
-    def predict_probabilities(self, data: ImageSet) -> np.ndarray:
-        """As the base, but each batch gets its images' ROI masks (the items know them)."""
-        masks = self.masks_for(data.items)
-        if masks is None:
-            return super().predict_probabilities(data)
-        # torchrun: each process predicts its contiguous rows, gathered back in order
-        return distributed.gather_rows(
-            lambda rows: self.predict_rows(data.images, rows, masks), np.arange(len(data))
-        )
-
-    @torch.inference_mode()
-    def predict_rows(
-        self,
-        images: np.ndarray | ImageRows,
-        rows: np.ndarray,
-        masks: tuple[torch.Tensor, torch.Tensor],
-    ) -> np.ndarray:
-        """(n, C) probabilities of the contiguous `rows` of `images`, in eval mode (restored)."""
-        if len(rows) == 0:
-            return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        start, stop = int(rows[0]), int(rows[-1]) + 1
-        if isinstance(images, ImageRows):  # a lazy view: read batch by batch
-            selected = ImageRows(images.data, images.rows[start:stop])
-        else:
-            selected = images[start:stop]
-        was_training = self.network.training
-        self.network.eval()
-        self.on_eval_start()
-        outputs, offset = [], start
-        batch_size = self.cfg.EVAL.BATCH_SIZE
-        for uint8_batch in iterate_image_batches(selected, batch_size, self.device):
-            window = slice(offset, offset + len(uint8_batch))
-            offset += len(uint8_batch)
-            with autocast_context(self.device, self.cfg.PRECISION):
-                logits = self.compute_logits(
-                    self.input_tensor(uint8_batch), (masks[0][window], masks[1][window])
-                )
-            outputs.append(torch.softmax(logits.float().cpu(), dim=-1))
-        self.network.train(was_training)
-        return torch.cat(outputs).numpy()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from fewclip.backbones import describe_state_mismatch, read_state_dict, split_fused_attention
+from fewclip.data import Item
 from fewclip.images import to_model_input
 from fewclip.registry import TRAINERS
 from fewclip.samplers import add_sampler_keys
@@ -177,5 +179,5 @@ class ViTTeacher(TrainerBase):
         self.batch_logits = logits
         return {"cross_entropy": F.cross_entropy(logits, labels)}
 
-    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
         return self.network["head"](self.compute_image_features(images))

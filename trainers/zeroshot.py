@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from yacs.config import CfgNode
 
+from fewclip.data import Item
 from fewclip.registry import TRAINERS
 from fewclip.trainer import TrainerBase
 
@@ -28,6 +31,6 @@ class ZeroShotCLIP(TrainerBase):
     def compute_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         return self.clip.logit_scale.exp() * features @ self.class_text.t()
 
-    def compute_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, images: torch.Tensor, items: Sequence[Item] = ()) -> torch.Tensor:
         features = torch.nn.functional.normalize(self.clip.encode_image(images), dim=-1)
         return self.compute_logits_from_features(features)
