@@ -1,8 +1,14 @@
-"""Structure-aware pooling (SAVLT): attention pooling with learned queries over patch tokens,
-restricted to a region of interest (ROI) on the patch grid.
+"""Structure-aware pooling (SAVLT): attention pooling over the patch tokens of a region of
+interest (ROI) on the patch grid.
 
-The ROI of an image comes from its mask file (`Item.mask`, resized like the image, then to the
-patch grid) when the dataset has one, else from a rule computed on the pixels (`ROI_RULES`). An
+Two poolings: `ChannelGroupPooling`, the released code's (one learned query per channel group,
+no projections, then a Linear(W, W)), and `StructurePooling`, fewclip's multi-head attention with
+learned projections and several queries (option `projected`).
+
+The ROI of an image comes from its tissue mask file (`Item.mask`, resized like the image), turned
+into patches by a rule in `ROIS`: "box" (the released code: the patches inside the box from the
+first fully-tissue row at or below 10 % of the height down to the bottom) or "mask" (the patches
+at least half inside the mask). Images without a mask use a rule on the pixels (`ROI_RULES`). An
 empty ROI falls back to all patches with a logged warning. Everything is batched: the ROI enters
 the attention as a key padding mask.
 """
@@ -10,6 +16,7 @@ the attention as a key padding mask.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,7 +32,8 @@ LOGGER = logging.getLogger(__name__)
 
 
 class StructurePooling(nn.Module):
-    """Multi-head attention of `num_queries` learned queries over the ROI's patch tokens.
+    """fewclip's option `projected`: multi-head attention of `num_queries` learned queries
+    over the ROI's patch tokens, with learned q/k/v/out projections (4 W^2 + 4 W parameters).
 
     The value and output projections start as the identity, so the initial output is an
     attention-weighted mean of the patch tokens: it stays in the tokens' space (the space the
@@ -64,18 +72,79 @@ class StructurePooling(nn.Module):
         """
         batch = tokens.shape[0]
         queries = self.queries.to(tokens.dtype).unsqueeze(0).expand(batch, -1, -1)
-        padding = None
-        if region is not None:
-            region, empty = fill_empty_regions(region)
-            if bool(empty.any()):
-                LOGGER.warning(
-                    "%d of %d images have an empty region of interest; using all their patches",
-                    int(empty.sum()),
-                    batch,
-                )
-            padding = ~region
+        padding = None if region is None else ~_fill_and_warn(region)
         pooled, weights = self.attention(queries, tokens, tokens, key_padding_mask=padding)
         return pooled.mean(dim=1), weights
+
+
+def compute_channel_group_attention(
+    tokens: torch.Tensor, queries: torch.Tensor, region: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAVLT's per-head query attention without projections (rabbit-my/SAVLT model.py:212-227).
+
+    tokens (B, N, W) are split into H channel groups t_i^h (d = W / H channels each); queries
+    (H, d), one per group. a_h = softmax over the ROI's patches i of <q_h, t_i^h> / sqrt(d);
+    head h gives sum_i a_{h,i} t_i^h (d,); the heads are concatenated in order -> (B, W).
+    region (B, N) bool (True = in the ROI, no empty rows) or None (all patches).
+    Returns pooled (B, W) and the weights (B, H, N), zero outside the region.
+    """
+    batch, count, width = tokens.shape
+    heads, head_dim = queries.shape
+    grouped = tokens.view(batch, count, heads, head_dim)
+    scores = torch.einsum("bnhd,hd->bhn", grouped, queries.to(tokens.dtype)) / math.sqrt(head_dim)
+    if region is not None:
+        scores = scores.masked_fill(~region.unsqueeze(1), float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    pooled = torch.einsum("bhn,bnhd->bhd", weights, grouped).reshape(batch, width)
+    return pooled, weights
+
+
+class ChannelGroupPooling(nn.Module):
+    """The released SAVLT pooling (rabbit-my/SAVLT model.py:142-237, `ROIAttentionExtractor`):
+    one learned query per channel group (H groups, xavier-uniform init of the (1, H, d) tensor,
+    model.py:153-154), `compute_channel_group_attention` over the ROI, then `output`, a
+    Linear(W, W) (model.py:156, 229). The caller applies the visual projection and L2 norm.
+
+    Parameters: W (queries) + W * W + W (output) = 591,360 at W = 768 (0.59 M).
+    """
+
+    def __init__(
+        self, width: int, num_heads: int, generator: torch.Generator | None = None
+    ) -> None:
+        super().__init__()
+        if num_heads < 1 or width % num_heads:
+            raise ValueError(
+                f"ChannelGroupPooling: need heads >= 1 dividing the width {width} "
+                f"(got {num_heads} heads)"
+            )
+        self.queries = nn.Parameter(torch.empty(1, num_heads, width // num_heads))
+        nn.init.xavier_uniform_(self.queries, generator=generator)
+        self.output = nn.Linear(width, width)
+        # nn.Linear's own initialisation, drawn from `generator` (reproducible per seed)
+        nn.init.kaiming_uniform_(self.output.weight, a=math.sqrt(5), generator=generator)
+        bound = 1.0 / math.sqrt(width)
+        nn.init.uniform_(self.output.bias, -bound, bound, generator=generator)
+
+    def forward(
+        self, tokens: torch.Tensor, region: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, N, W), region (B, N) bool or None -> output(pooled) (B, W), weights
+        (B, H, N)."""
+        if region is not None:
+            region = _fill_and_warn(region)
+        pooled, weights = compute_channel_group_attention(tokens, self.queries[0], region)
+        return self.output(pooled), weights
+
+
+def _fill_and_warn(region: torch.Tensor) -> torch.Tensor:
+    region, empty = fill_empty_regions(region)
+    if bool(empty.any()):
+        LOGGER.warning(
+            "%d of %d images have an empty region of interest; using all their patches",
+            int(empty.sum()),
+            region.shape[0],
+        )
+    return region
 
 
 def fill_empty_regions(region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,22 +210,88 @@ def compute_rule_region(
     raise ValueError(f"unknown region rule {rule!r}; choose one of {', '.join(ROI_RULES)}")
 
 
-def load_region_mask(path: str, image_size: int, grid: tuple[int, int]) -> np.ndarray:
-    """A mask file -> (rows * columns,) bool: patches at least half inside the mask.
+ROIS = ("box", "mask")
 
-    Any non-zero pixel is inside. The mask is resized and center-cropped like the images.
+
+def compute_box_region(
+    tissue: torch.Tensor, grid: tuple[int, int], min_row_ratio: float = 0.1
+) -> torch.Tensor:
+    """The released SAVLT ROI of a tissue mask (rabbit-my/SAVLT get_roi.py:24-31, model.py:187-207).
+
+    tissue (B, H, W) bool at the model input's resolution. y = the first pixel row at or below
+    int(H * min_row_ratio) whose every pixel is tissue; the box is (0, y / H, 1, 1), and a patch
+    is kept when it lies wholly inside it: patch row r with r * H >= y * rows (every column).
+    An image without such a row has an empty ROI (the source fails there). Returns (B, N) bool.
+    """
+    batch, height, _ = tissue.shape
+    rows, columns = grid
+    full = tissue.all(dim=2)  # (B, H): rows that are tissue from edge to edge
+    full[:, : int(height * min_row_ratio)] = False
+    found = full.any(dim=1)
+    top = full.int().argmax(dim=1)  # the first such row (0 when none; masked by `found`)
+    patch_rows = torch.arange(rows, device=tissue.device)
+    keep = (patch_rows.unsqueeze(0) * height >= top.unsqueeze(1) * rows) & found.unsqueeze(1)
+    return keep.unsqueeze(2).expand(batch, rows, columns).reshape(batch, rows * columns)
+
+
+def compute_mask_region(tissue: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """fewclip's ROI "mask": (B, H, W) mask (bool or float in [0, 1]) -> (B, N) bool, the
+    patches at least half inside the mask."""
+    fraction = F.adaptive_avg_pool2d(tissue.float().unsqueeze(1), grid).squeeze(1)
+    return (fraction >= 0.5).flatten(1)
+
+
+def compute_roi(
+    tissue: torch.Tensor, roi: str, grid: tuple[int, int], min_row_ratio: float = 0.1
+) -> torch.Tensor:
+    """(B, H, W) tissue masks -> (B, N) bool ROI by the rule `roi` ("box" or "mask")."""
+    if roi == "box":
+        return compute_box_region(
+            tissue > 0.5 if tissue.is_floating_point() else tissue, grid, min_row_ratio
+        )
+    if roi == "mask":
+        return compute_mask_region(tissue, grid)
+    raise ValueError(f"unknown ROI {roi!r}; choose one of {', '.join(ROIS)}")
+
+
+def load_pixel_mask(path: str, image_size: int) -> np.ndarray:
+    """A mask file -> (image_size, image_size) bool, resized and center-cropped like the images.
+
+    Any non-zero pixel is inside (tissue). A file that cannot be read raises `ImageError`.
     """
     grey = np.asarray(load_image(path).convert("L")) > 0
     binary = Image.fromarray(grey.astype(np.uint8) * 255, mode="L")
-    resized = torch.from_numpy(resize_center_crop(binary, image_size) > 127).float()
-    fraction = F.adaptive_avg_pool2d(resized[None, None], grid)[0, 0]
-    return (fraction >= 0.5).flatten().numpy()
+    return resize_center_crop(binary, image_size) > 127
+
+
+def load_region_mask(path: str, image_size: int, grid: tuple[int, int]) -> np.ndarray:
+    """A mask file -> (rows * columns,) bool by the "mask" rule: patches at least half inside."""
+    pixels = torch.from_numpy(load_pixel_mask(path, image_size))
+    return compute_mask_region(pixels.unsqueeze(0), grid)[0].numpy()
+
+
+def load_pixel_masks(items: Sequence[Item], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks of `items` at full resolution: (N, S, S) bool and has_mask (N,) bool (S =
+    image_size). Items without a mask get an all-False mask and has_mask False."""
+    masks = np.zeros((len(items), image_size, image_size), dtype=bool)
+    has_mask = np.zeros(len(items), dtype=bool)
+    for index, item in enumerate(items):
+        if item.mask:
+            masks[index] = load_pixel_mask(item.mask, image_size)
+            has_mask[index] = True
+    return torch.from_numpy(masks), torch.from_numpy(has_mask)
 
 
 def load_region_masks(
-    items: Sequence[Item], image_size: int, grid: tuple[int, int]
+    items: Sequence[Item],
+    image_size: int,
+    grid: tuple[int, int],
+    roi: str = "mask",
+    min_row_ratio: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks of `items` on the patch grid: (N, rows * columns) bool and has_mask (N,) bool.
+    """ROIs of `items` on the patch grid from their masks: (N, rows * columns) bool and has_mask
+    (N,) bool. Each mask is read at full resolution, turned into patches by the rule `roi`
+    (`compute_roi`) and dropped, so a large test set costs N x patches, not N x pixels.
 
     Items without a mask get an all-False row and has_mask False. A mask that cannot be read
     raises `ImageError` naming the file.
@@ -166,6 +301,7 @@ def load_region_masks(
     has_mask = np.zeros(len(items), dtype=bool)
     for index, item in enumerate(items):
         if item.mask:
-            masks[index] = load_region_mask(item.mask, image_size, grid)
+            pixels = torch.from_numpy(load_pixel_mask(item.mask, image_size)).unsqueeze(0)
+            masks[index] = compute_roi(pixels, roi, grid, min_row_ratio)[0].numpy()
             has_mask[index] = True
     return torch.from_numpy(masks), torch.from_numpy(has_mask)

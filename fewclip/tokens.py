@@ -34,15 +34,22 @@ def patch_grid(model: nn.Module) -> tuple[int, int]:
 
 
 def encode_image_tokens(
-    model: nn.Module, images: torch.Tensor
+    model: nn.Module, images: torch.Tensor, final_norm: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled image features and the patch tokens of the last block.
 
     images: (B, 3, H, W) normalised. Returns pooled (B, D), equal to `model.encode_image(images)`,
-    and patch tokens (B, N, W) after the final LayerNorm, in the tower's width W (not projected;
-    see `project_image_tokens`), row-major over the `patch_grid` (N = rows x columns).
+    and patch tokens (B, N, W) in the tower's width W (not projected; see
+    `project_image_tokens`), row-major over the `patch_grid` (N = rows x columns). With
+    `final_norm` the tokens are taken after the final LayerNorm (ln_post); without it, as the
+    last block left them, before ln_post (what SAVLT's released code pools: Hugging Face
+    CLIP's `last_hidden_state`, which its vision model returns before `post_layernorm`).
     """
     visual = _vision_tower(model)
+    if not final_norm:
+        # the tower's own intermediates API: the last block's output without the class token
+        output = visual.forward_intermediates(images, indices=1, output_fmt="NLC")
+        return output["image_features"], output["image_intermediates"][-1]
     previous = visual.output_tokens
     visual.output_tokens = True  # the tower's own switch: forward returns (pooled, tokens)
     try:
