@@ -162,7 +162,9 @@ def test_paper_recipe_trains_the_visual_tower_text_projection_and_adapter():
         "source", "source", "conv_bn", "source",
     )  # fmt: skip
     assert (node.LOGIT_SCALE, node.TEMPERATURE) == (10.0, 0.1)
-    optim = build_config(RECIPE, DATASET).OPTIM  # the source's AdamW, cosine, 60 epochs
+    recipe = build_config(RECIPE, DATASET)
+    optim = recipe.OPTIM  # the source's AdamW, cosine, 60 epochs, best-validation checkpoint
+    assert (recipe.EVAL.SELECT, recipe.EVAL.VAL_EVERY) == ("best_val", 1)
     assert (optim.LR, optim.WEIGHT_DECAY, optim.MIN_LR, optim.BATCH_SIZE) == (2e-5, 0.05, 1e-8, 64)
     assert (optim.MAX_ITERS, optim.WARMUP_ITERS) == (60, 24)
     named = trainer.trainable_named_parameters()
