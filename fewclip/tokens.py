@@ -81,13 +81,15 @@ def _text_tower(model: nn.Module) -> nn.Module:
 
 
 def encode_text_tokens(
-    model: nn.Module, text: torch.Tensor
+    model: nn.Module, text: torch.Tensor, project: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pooled text features, per-position token features and the mask of word positions.
 
     text: (B, L) token ids. Returns pooled (B, D), equal to `model.encode_text(text)`; tokens
     (B, L, D) after the final LayerNorm and the text projection; valid (B, L) bool, True at the
     words and the end token (the start token and the padding after the end token are False).
+    project=False stops before the text projection (pooled and tokens in the tower's width W);
+    `project_text_tokens` applies it later, e.g. to features cached from a frozen tower.
     """
     tower = _text_tower(model)
     length = text.shape[1]
@@ -100,11 +102,8 @@ def encode_text_tokens(
     pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
     eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
     pooled = text_global_pool(x, text, pool_type, eos_token_id=eos_id)
-    projection = tower.text_projection
-    if isinstance(projection, nn.Linear):
-        pooled, x = projection(pooled), projection(x)
-    elif projection is not None:
-        pooled, x = pooled @ projection, x @ projection
+    if project:
+        pooled, x = project_text_tokens(model, pooled), project_text_tokens(model, x)
     if pool_type == "eos" and eos_id is not None:
         end = (text == eos_id).int().argmax(dim=-1)
     else:  # open_clip's default tokenizer: the end token has the largest id
@@ -112,3 +111,11 @@ def encode_text_tokens(
     positions = torch.arange(length, device=text.device)
     valid = (positions >= 1) & (positions <= end.unsqueeze(1))
     return pooled, x, valid
+
+
+def project_text_tokens(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """(..., W) text features before the projection -> (..., D) in the joint embedding space."""
+    projection = _text_tower(model).text_projection
+    if isinstance(projection, nn.Linear):
+        return projection(features)
+    return features if projection is None else features @ projection

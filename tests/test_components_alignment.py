@@ -21,8 +21,8 @@ from fewclip.alignment import (
 from fewclip.backbones import build_clip
 from fewclip.config import get_cfg_defaults
 from fewclip.contrastive import (
-    ClassAwareAlignment,
     CrossAttention,
+    LearnedAlignment,
     compute_masked_mean,
     compute_multi_positive_infonce,
 )
@@ -98,13 +98,15 @@ def reference_infonce(first, second, labels, temperature):
 
 
 def test_multi_positive_infonce_matches_the_formula_and_reduces_to_clip_loss():
-    # two samples of one class, first = second = (e1, e2), t = 1: every term is log(1 + e) - 1/2
-    loss = compute_multi_positive_infonce(EYE, EYE, torch.tensor([0, 0]), 1.0)
+    # two samples of one class, first = second = (e1, e2), t = 1: every supcon_out term is
+    # log(1 + e) - 1/2; the source form is -log(1) = 0 (all the probability is on positives)
+    loss = compute_multi_positive_infonce(EYE, EYE, torch.tensor([0, 0]), 1.0, "supcon_out")
     assert loss.item() == pytest.approx(math.log(1 + math.e) - 0.5, rel=1e-6)
+    assert compute_multi_positive_infonce(EYE, EYE, torch.tensor([0, 0]), 1.0).item() == 0.0
     generator = torch.Generator().manual_seed(0)
     first, second = torch.randn(5, 4, generator=generator), torch.randn(5, 4, generator=generator)
     labels = torch.tensor([0, 1, 0, 2, 1])
-    value = compute_multi_positive_infonce(first, second, labels, 0.5).item()
+    value = compute_multi_positive_infonce(first, second, labels, 0.5, "supcon_out").item()
     assert value == pytest.approx(reference_infonce(first, second, labels, 0.5), rel=1e-5)
     distinct = torch.arange(5)
     logits = F.normalize(first, dim=-1) @ F.normalize(second, dim=-1).t() / 0.5
@@ -140,21 +142,22 @@ def test_masked_mean_and_class_aware_modules_ignore_invalid_words():
     values = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]]])
     valid = torch.tensor([[True, True, False], [True, True, True]])
     assert torch.equal(compute_masked_mean(values, valid), torch.tensor([[2.0], [4.0]]))
-    module = ClassAwareAlignment(4, 2)
+    module = LearnedAlignment(4, 2)
     generator = torch.Generator().manual_seed(2)
     words, patches = (
         torch.randn(2, 3, 4, generator=generator),
         torch.randn(2, 6, 4, generator=generator),
     )
-    visual, maps = module.attend_text_to_vision(words, valid, patches)
+    text, image = torch.randn(2, 4, generator=generator), torch.randn(2, 4, generator=generator)
+    anchor, visual, maps = module.attend_text_to_vision(text, words, valid, patches)
     assert visual.shape == (2, 4) and torch.allclose(maps.sum(dim=1), torch.ones(2))
-    image = torch.randn(2, 4, generator=generator)
-    textual, weights = module.attend_vision_to_text(image, words, valid)
-    assert textual.shape == (2, 4) and weights[0, 2] == 0
+    assert torch.equal(anchor, text)
+    anchor, textual, weights = module.attend_vision_to_text(image, patches, words, valid)
+    assert textual.shape == (2, 4) and weights[0, 2] == 0 and torch.equal(anchor, image)
     changed = words.clone()
     changed[0, 2] = -50.0
-    assert torch.allclose(module.attend_text_to_vision(changed, valid, patches)[0], visual)
-    assert torch.allclose(module.attend_vision_to_text(image, changed, valid)[0], textual)
+    assert torch.allclose(module.attend_text_to_vision(text, changed, valid, patches)[1], visual)
+    assert torch.allclose(module.attend_vision_to_text(image, patches, changed, valid)[1], textual)
 
 
 def test_surface_region_on_a_hand_made_grid():

@@ -1,5 +1,7 @@
 """CaM-VLA: class-aware morphological vision-language alignment (cervical cytology).
 
+Follows the released code, leibabaya/CaM-VLA mgca/models/CaM_VLA/
+mgca_module_semantic_vf_structured.py (docs/methods/camvla.md lists every formula's line).
 Text side: one class-level morphological description per class (the first text of PROMPT_LEVEL).
 Losses: N-to-1 matching CE(s * cos(v, t_c), y) against the class descriptions, plus the two
 class-aware contrastive terms of fewclip.contrastive (text-to-vision and vision-to-text, each a
@@ -20,77 +22,144 @@ import torch.nn.functional as F
 from PIL import Image
 from yacs.config import CfgNode
 
-from fewclip.contrastive import ClassAwareAlignment, compute_multi_positive_infonce
+from fewclip.contrastive import (
+    ADAPTERS,
+    ATTENTIONS,
+    LOSSES,
+    PatchAdapter,
+    build_alignment,
+    check_choice,
+    compute_multi_positive_infonce,
+)
 from fewclip.data import Item
 from fewclip.features import autocast_context
 from fewclip.lora import apply_lora
 from fewclip.registry import TRAINERS
 from fewclip.samplers import add_sampler_keys
-from fewclip.tokens import encode_image_tokens, encode_text_tokens, patch_grid, project_image_tokens
+from fewclip.tokens import (
+    encode_image_tokens,
+    encode_text_tokens,
+    patch_grid,
+    project_image_tokens,
+    project_text_tokens,
+)
 from fewclip.trainer import ImageSet, TrainerBase
+
+TUNINGS = ("source", "lora")
+TextFeatures = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @TRAINERS.register()
 class CaMVLA(TrainerBase):
-    """Trainable: the LoRA matrices (LORA node) and the two cross-attention modules."""
+    """Trainable: TUNING source = the whole visual tower and the text projection (the text
+    transformer stays frozen), TUNING lora = the LoRA matrices (LORA node); plus the patch
+    adapter (ADAPTER conv_bn) and the cross-attention modules (ATTENTION learned; the source
+    attention has no parameters)."""
 
-    trainable_patterns = (r"\.lora_[AB]\.", r"^alignment\.")
+    trainable_patterns = (
+        r"\.lora_[AB]\.",
+        r"^clip\.visual\.",
+        r"^clip\.(text\.)?text_projection(\.|$)",
+        r"^adapter\.",
+        r"^alignment\.",
+    )
 
     @classmethod
     def config_node(cls) -> CfgNode:
         node = CfgNode()
         node.PROMPT_LEVEL = "description"  # class text level (first text per class is used)
-        node.LOGIT_SCALE = 100.0  # s of the N-to-1 matching and of the test-time logits (frozen)
-        node.TEMPERATURE = 0.07  # temperature of both class-aware InfoNCE terms
+        node.LOGIT_SCALE = 10.0  # s of the N-to-1 matching and of the test-time logits (frozen)
+        node.TEMPERATURE = 0.1  # temperature of both class-aware InfoNCE terms
+        node.LOSS = "source"  # "source" (-log sum_P softmax) or "supcon_out" (-1/|P| sum_P log)
+        node.ATTENTION = "source"  # "source" (parameter-free) or "learned" (LN + q/k/v/out)
+        node.ADAPTER = "conv_bn"  # patch adapter before both attentions: "conv_bn" or "none"
+        node.TUNING = "source"  # "source" (visual tower + text projection) or "lora" (LORA)
         node.TEXT_TO_VISION_WEIGHT = 0.5  # weight of the text-to-vision contrastive term
         node.VISION_TO_TEXT_WEIGHT = 0.5  # weight of the vision-to-text contrastive term
-        node.HEADS = 4  # heads of each cross-attention module (must divide the embedding size)
+        node.HEADS = 4  # heads of each learned cross-attention (must divide the embedding size)
         node.ATTENTION_MAPS = 0  # save_artifacts: maps of this many test images (spread evenly)
         node.ATTENTION_IMAGES = []  # save_artifacts: maps of these test image paths instead
         return add_sampler_keys(node)
 
     def build(self) -> None:
         node = self.node
+        for key, choices in (
+            ("LOSS", LOSSES),
+            ("ATTENTION", ATTENTIONS),
+            ("ADAPTER", ADAPTERS),
+            ("TUNING", TUNINGS),
+        ):
+            check_choice(node[key], choices, f"TRAINER.CAMVLA.{key}")
         if node.TEMPERATURE <= 0:
             raise ValueError(f"TRAINER.CAMVLA.TEMPERATURE must be > 0, got {node.TEMPERATURE}")
-        apply_lora(self.clip, self.cfg.LORA)
-        self.text_trains = self.cfg.LORA.ENCODER in ("text", "both")
         self.grid = patch_grid(self.clip)
-        self.frozen_text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.network["alignment"] = ClassAwareAlignment(self.clip.visual.output_dim, node.HEADS)
+        dim = self.clip.visual.output_dim
+        if node.TUNING == "lora":
+            apply_lora(self.clip, self.cfg.LORA)
+            self.text_trains = self.cfg.LORA.ENCODER in ("text", "both")
+        else:  # the source trains its whole image encoder and the heads over a frozen BERT
+            self.clip.visual.requires_grad_(True)
+            project_text = self.clip.text if hasattr(self.clip, "text") else self.clip
+            project_text.text_projection.requires_grad_(True)
+            self.text_trains = False
+        self.frozen_text: TextFeatures | None = None
+        if node.ADAPTER == "conv_bn":
+            self.network["adapter"] = PatchAdapter(dim, self.grid)
+        self.network["alignment"] = build_alignment(node.ATTENTION, dim, node.HEADS)
 
-    def encode_class_texts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class description features (C, D) unit norm, word tokens (C, L, D), valid (C, L)."""
+    def encode_class_texts(self, project: bool = True) -> TextFeatures:
+        """Class description features (C, D), word tokens (C, L, D), valid (C, L); with
+        project=False before the text projection (width W)."""
         texts = [class_texts[0] for class_texts in self.prompts.texts(self.node.PROMPT_LEVEL)]
         tokens = self.bundle.tokenizer(texts).to(self.device)
-        pooled, words, valid = encode_text_tokens(self.clip, tokens)
+        pooled, words, valid = encode_text_tokens(self.clip, tokens, project)
         length = int(valid.sum(dim=1).max()) + 1  # drop the padding no class uses
-        return F.normalize(pooled.float(), dim=-1), words[:, :length], valid[:, :length]
+        return pooled.float(), words[:, :length], valid[:, :length]
 
     def prepare(self, train: ImageSet) -> None:
         if not self.text_trains:
-            with torch.no_grad():
-                self.frozen_text = self.encode_class_texts()
+            self.frozen_class_texts()
 
-    def class_texts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.encode_class_texts() if self.text_trains else self.frozen_text
+    def frozen_class_texts(self) -> TextFeatures:
+        """A frozen text transformer's class features, encoded once (source lines 115-135):
+        projected with TUNING lora, before the (trained) projection with TUNING source."""
+        if self.frozen_text is None:
+            with torch.no_grad():
+                self.frozen_text = self.encode_class_texts(project=self.node.TUNING == "lora")
+        return self.frozen_text
+
+    def class_texts(self) -> TextFeatures:
+        """Unit class text features (C, D), word tokens (C, L, D), valid (C, L); with TUNING
+        source the trained text projection is applied to the cached features at each call
+        (as the source applies its trained text heads to cached BERT features, lines 138-141)."""
+        if self.text_trains:
+            text, words, valid = self.encode_class_texts()
+        else:
+            text, words, valid = self.frozen_class_texts()
+            if self.node.TUNING == "source":
+                text = project_text_tokens(self.clip, text)
+                words = project_text_tokens(self.clip, words)
+        return F.normalize(text.float(), dim=-1), words, valid
 
     def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image features v (B, D) and patch tokens in the joint space (B, N, D)."""
+        """Image features v (B, D) and patch features (B, N, D): the patch tokens in the joint
+        space, through the adapter when ADAPTER is conv_bn."""
         pooled, tokens = encode_image_tokens(self.clip, images)
-        return pooled, project_image_tokens(self.clip, tokens)
+        patches = project_image_tokens(self.clip, tokens)
+        if "adapter" in self.network:
+            patches = self.network["adapter"](patches.float())
+        return pooled, patches
 
     def compute_losses(
         self, images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray
     ) -> dict:
-        """CaM-VLA's losses, each returned already weighted:
+        """CaM-VLA's losses, each returned already weighted (source lines 143-226):
 
-        matching = CE(s * cos(v, t_c), y), the N-to-1 image-to-class-description cross-entropy
-        (CLIP's image-to-text term, Radford et al. 2021, with one text per class);
-        text_to_vision = w_tv * InfoNCE+(z, t_y), z the visual content gathered by the true
-        class's words; vision_to_text = w_vt * InfoNCE+(u, v), u the word content gathered by
-        the image; InfoNCE+ is `compute_multi_positive_infonce` (Khosla et al. 2020, Eq. 2,
-        symmetric, positives = same-class pairs of the batch).
+        matching = CE(s * cos(v, t_c), y), the N-to-1 image-to-class-description cross-entropy;
+        text_to_vision = w_tv * InfoNCE+(attended patches, class text); vision_to_text =
+        w_vt * InfoNCE+(image anchor, attended words), the anchors and attention of
+        `fewclip.contrastive` (ATTENTION); InfoNCE+ is `compute_multi_positive_infonce` (LOSS),
+        positives = same-class pairs of the batch. The source's total is CE + (t2v + v2t) / 2.
         """
         node = self.node
         text, words, valid = self.class_texts()
@@ -99,20 +168,25 @@ class CaMVLA(TrainerBase):
         self.batch_logits = logits  # the loop gives p(true class) to samplers that learn from it
         losses = {"matching": F.cross_entropy(logits, labels)}
         alignment = self.network["alignment"]
-        class_words, class_valid = words[labels], valid[labels]
+        class_text, class_words, class_valid = text[labels], words[labels], valid[labels]
+        contrast = {"temperature": node.TEMPERATURE, "loss": node.LOSS}
         if node.TEXT_TO_VISION_WEIGHT:
-            visual, _ = alignment.attend_text_to_vision(class_words, class_valid, patches)
-            term = compute_multi_positive_infonce(visual, text[labels], labels, node.TEMPERATURE)
+            anchor, visual, _ = alignment.attend_text_to_vision(
+                class_text, class_words, class_valid, patches
+            )
+            term = compute_multi_positive_infonce(visual, anchor, labels, **contrast)
             losses["text_to_vision"] = node.TEXT_TO_VISION_WEIGHT * term
         if node.VISION_TO_TEXT_WEIGHT:
-            textual, _ = alignment.attend_vision_to_text(image, class_words, class_valid)
-            term = compute_multi_positive_infonce(textual, image, labels, node.TEMPERATURE)
+            anchor, textual, _ = alignment.attend_vision_to_text(
+                image, patches, class_words, class_valid
+            )
+            term = compute_multi_positive_infonce(anchor, textual, labels, **contrast)
             losses["vision_to_text"] = node.VISION_TO_TEXT_WEIGHT * term
         return losses
 
     def on_eval_start(self) -> None:
-        frozen = self.frozen_text  # None before training or when the text tower trains
-        self.eval_text = frozen if frozen is not None else self.encode_class_texts()
+        with torch.no_grad():
+            self.eval_text = self.class_texts()
 
     def compute_image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, D) unit-norm image features v."""
@@ -131,8 +205,8 @@ class CaMVLA(TrainerBase):
         image, patches = self.encode_images(images)
         if classes is None:
             classes = (F.normalize(image.float(), dim=-1) @ text.t()).argmax(dim=1)
-        _, maps = self.network["alignment"].attend_text_to_vision(
-            words[classes], valid[classes], patches
+        _, _, maps = self.network["alignment"].attend_text_to_vision(
+            text[classes], words[classes], valid[classes], patches
         )
         return maps.float().view(-1, *self.grid), classes
 
