@@ -34,6 +34,13 @@ NON_SEMANTIC_KEYS = (
 )
 # Lists whose default is empty hold strings (class and center names) unless listed here.
 INT_LIST_KEYS = {"LORA.LAYERS", "EVAL.RETRIEVAL"}
+# Core keys with declared choices: a value outside them fails at merge time, naming key and choices.
+CHOICES = {
+    "INPUT.CROP_INTERPOLATION": ("bilinear", "bicubic"),
+    "LORA.SCALING": ("alpha_over_r", "alpha_over_sqrt_r"),
+    "DATASET.TRAIN_FRACTION_ROUNDING": ("floor", "ceil"),
+    "EVAL.RETRIEVAL_NORMALISE": ("centre_then_normalise", "normalise_then_centre"),
+}
 
 
 class ConfigError(ValueError):
@@ -81,10 +88,12 @@ def get_cfg_defaults() -> CfgNode:
     cfg.DATASET.SPLIT_DIR = ""  # where split files go; "" = <OUTPUT_DIR>/splits
     cfg.DATASET.TRAIN_FRACTION = 0.0  # label efficiency: share of each class's training pool
     # (seeded by SPLIT_SEED, nested across fractions) used instead of NUM_SHOTS; 0 = off
+    cfg.DATASET.TRAIN_FRACTION_ROUNDING = "floor"  # per-class count: floor int(f*n) or ceil
 
     cfg.INPUT = CfgNode()
     cfg.INPUT.AUGMENT = "crop_flip"  # training augmentation: "crop_flip" or "none"
     cfg.INPUT.CROP_SCALE = (0.5, 1.0)  # RandomResizedCrop scale range
+    cfg.INPUT.CROP_INTERPOLATION = "bilinear"  # resampling of the random crops: bilinear, bicubic
 
     cfg.LORA = CfgNode()
     cfg.LORA.ENCODER = "vision"  # "vision", "text" or "both"
@@ -92,7 +101,8 @@ def get_cfg_defaults() -> CfgNode:
     cfg.LORA.TOP_K = 0  # if > 0 and LAYERS empty: only the last TOP_K blocks
     cfg.LORA.TARGETS = ["q", "k", "v", "out"]  # any of q, k, v, out, mlp
     cfg.LORA.RANK = 2  # LoRA rank r
-    cfg.LORA.ALPHA = 1.0  # LoRA alpha (scaling = alpha / r)
+    cfg.LORA.ALPHA = 1.0  # LoRA alpha (the delta is scaled by alpha / r or alpha / sqrt(r))
+    cfg.LORA.SCALING = "alpha_over_r"  # "alpha_over_r" or "alpha_over_sqrt_r" (rsLoRA, CLIP-LoRA)
     cfg.LORA.DROPOUT = 0.25  # dropout on the LoRA input
     cfg.LORA.TEXT_RANK = 0  # rank for the text encoder when ENCODER=both; 0 = RANK
 
@@ -112,6 +122,7 @@ def get_cfg_defaults() -> CfgNode:
     cfg.EVAL.SELECT = "last"  # "last" or "best_val": which weights are tested (never the test set)
     cfg.EVAL.ECE_BINS = 15  # bins of the expected calibration error
     cfg.EVAL.RETRIEVAL = []  # k values of retrieval metrics against the training images; [] = off
+    cfg.EVAL.RETRIEVAL_NORMALISE = "centre_then_normalise"  # or normalise_then_centre (unit first)
     cfg.EVAL.CROSS_DATASET = ""  # dataset YAML evaluated through LABEL_MAP after training; "" = off
     cfg.EVAL.CROSS_DATASET_OPTS = []  # KEY VALUE opts for that dataset, e.g. [DATASET.ROOT, /data]
     cfg.EVAL.LABEL_MAP = ""  # YAML mapping this dataset's classes to the other dataset's classes
@@ -206,6 +217,12 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
     )
 
 
+def check_choice(key: str, value: Any, source: str = "the config") -> None:
+    """A key with declared CHOICES must hold one of them; the error names key and choices."""
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{key} {value!r} in {source} is not one of {', '.join(CHOICES[key])}")
+
+
 def _unknown_key(key: str, node: CfgNode, prefix: str, source: str) -> ConfigError:
     options = [prefix + name for name in node]
     close = difflib.get_close_matches(prefix + key, options, n=3, cutoff=0.6)
@@ -224,6 +241,7 @@ def merge_dict(cfg: CfgNode, data: dict[str, Any], source: str, prefix: str = ""
             merge_dict(cfg[key], value, source, prefix + key + ".")
         else:
             cfg[key] = _coerce(value, cfg[key], prefix + key, source)
+            check_choice(prefix + key, cfg[key], source)
 
 
 def _parse_opt_value(raw: str, default: Any) -> Any:

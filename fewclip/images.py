@@ -330,14 +330,26 @@ def hold_training_images(
     return tensor.pin_memory()
 
 
+CROP_INTERPOLATIONS = ("bilinear", "bicubic")  # INPUT.CROP_INTERPOLATION
+
+
 def augment_batch(
-    images: torch.Tensor, generator: torch.Generator, scale: Sequence[float] = (0.5, 1.0)
+    images: torch.Tensor,
+    generator: torch.Generator,
+    scale: Sequence[float] = (0.5, 1.0),
+    interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Random resized crop (area in `scale`, aspect 3/4..4/3) and horizontal flip, batched.
 
     images: (B, 3, H, W) float. The crops are done as one batched affine grid sample, so the
-    cost does not grow with a per-sample Python loop over pixels.
+    cost does not grow with a per-sample Python loop over pixels; `interpolation` is its
+    resampling ("bicubic" = torchvision's InterpolationMode.BICUBIC, as CLIP-LoRA trains).
     """
+    if interpolation not in CROP_INTERPOLATIONS:
+        raise ValueError(
+            f"INPUT.CROP_INTERPOLATION {interpolation!r} is not one of "
+            f"{', '.join(CROP_INTERPOLATIONS)}"
+        )
     batch = images.shape[0]
     area = torch.empty(batch).uniform_(scale[0], scale[1], generator=generator)
     log_ratio = torch.empty(batch).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator)
@@ -354,5 +366,5 @@ def augment_batch(
     theta[:, 1, 2] = center_y
     grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
     return F.grid_sample(
-        images, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        images, grid, mode=interpolation, padding_mode="reflection", align_corners=False
     )

@@ -11,6 +11,7 @@ Attention must be split (fewclip.attention) first: peft 0.21 applies LoRA on
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -33,8 +34,20 @@ TARGET_MODULES = {
     "out": ("attn.out_proj",),
     "mlp": ("mlp.c_fc", "mlp.c_proj"),
 }
-CONFIG_KEYS = ("ENCODER", "LAYERS", "TOP_K", "TARGETS", "RANK", "ALPHA", "DROPOUT", "TEXT_RANK")
+# LORA.SCALING -> peft's use_rslora: False = alpha / r (LoRA, Hu et al. 2021), True = alpha /
+# sqrt(r) (rsLoRA; CLIP-LoRA's loralib: MaxZanella/CLIP-LoRA loralib/layers.py:42)
+SCALINGS = {"alpha_over_r": False, "alpha_over_sqrt_r": True}
+CONFIG_KEYS = (
+    "ENCODER", "LAYERS", "TOP_K", "TARGETS", "RANK", "ALPHA", "DROPOUT", "TEXT_RANK", "SCALING"
+)  # fmt: skip
 METADATA_KEY = "fewclip_lora_config"
+
+
+def compute_lora_scaling(alpha: float, rank: int, scaling: str) -> float:
+    """The factor s of the LoRA delta, y = W x + s B A x: alpha / r or alpha / sqrt(r)."""
+    if scaling not in SCALINGS:
+        raise ValueError(f"LORA.SCALING {scaling!r} is not one of {', '.join(SCALINGS)}")
+    return alpha / math.sqrt(rank) if SCALINGS[scaling] else alpha / rank
 
 
 def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[str]]:
@@ -94,13 +107,17 @@ def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[s
 def apply_lora(model: nn.Module, lora_cfg: CfgNode) -> list[str]:
     """Inject LoRA into the selected Linears and freeze every other parameter.
 
-    B starts at zero, so outputs are unchanged until training. Scaling is ALPHA / rank, with rank
-    TEXT_RANK (0 = RANK) on the text encoder. Returns the names of the LoRA parameters.
+    B starts at zero, so outputs are unchanged until training. Each adapted Linear computes
+    W x + s B A(dropout(x)), s = `compute_lora_scaling(ALPHA, rank, SCALING)`, with rank TEXT_RANK
+    (0 = RANK) on the text encoder. Returns the names of the LoRA parameters.
     """
     if lora_state_dict(model):
         raise ValueError(
             "apply_lora: the model already has LoRA layers (merge_lora them or build a fresh model)"
         )
+    scaling = lora_cfg.get("SCALING", "alpha_over_r")  # adapters saved before the key: alpha/r
+    if scaling not in SCALINGS:
+        raise ValueError(f"LORA.SCALING {scaling!r} is not one of {', '.join(SCALINGS)}")
     split_attention(model)  # no-op when already split
     selected = select_lora_modules(model, lora_cfg)
     names = [name for encoder_names in selected.values() for name in encoder_names]
@@ -113,6 +130,7 @@ def apply_lora(model: nn.Module, lora_cfg: CfgNode) -> list[str]:
         # peft tries rank patterns as suffixes too; "^" keeps a text name off its vision twin
         rank_pattern={"^" + re.escape(name): text_rank for name in selected.get("text", [])},
         bias="none",
+        use_rslora=SCALINGS[scaling],
     )
     training = model.training
     inject_adapter_in_model(config, model)

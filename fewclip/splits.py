@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import uuid
@@ -21,7 +20,8 @@ from pathlib import Path
 from yacs.config import CfgNode
 
 from fewclip.config import get_cfg_defaults
-from fewclip.data import DatasetBase, DatasetError, Item
+from fewclip.data import DatasetBase, Item
+from fewclip.shots import SplitError, sample_few_shot, sample_fraction
 
 SPLIT_FORMAT = 1
 OPTION_KEYS = (
@@ -35,10 +35,6 @@ OPTION_KEYS = (
 )
 
 
-class SplitError(DatasetError):
-    """A split that cannot be drawn or a split file that no longer fits the dataset."""
-
-
 @dataclass
 class Split:
     train: list[Item]
@@ -47,73 +43,6 @@ class Split:
     targets: dict[str, list[Item]]  # target center -> all its items
     path: Path  # the split file
     sha1: str  # sha1 of the split file's bytes
-
-
-def _shuffled(items: Sequence[Item], seed: int, key: str) -> list[Item]:
-    """Items sorted by path, then shuffled by a generator seeded from (seed, key) only.
-
-    A string seed is hashed with SHA-512 by `random.Random`, independent of PYTHONHASHSEED.
-    """
-    ordered = sorted(items, key=lambda item: item.path)
-    random.Random(f"{seed}:{key}").shuffle(ordered)
-    return ordered
-
-
-def sample_few_shot(
-    items: Sequence[Item],
-    num_shots: int,
-    seed: int,
-    per: str = "class",
-    insufficient: str = "error",
-) -> list[Item]:
-    """`num_shots` items per class (per="class") or per class and center (per="class_center").
-
-    The result depends on (items, num_shots, seed) only, not on the input order. A class with
-    fewer items than `num_shots` raises `SplitError` naming it (insufficient="error") or gives
-    all its items (insufficient="take_all"). Returned sorted by (label, center, path).
-    """
-    if per not in ("class", "class_center"):
-        raise SplitError(f"DATASET.SHOTS_PER must be 'class' or 'class_center', not {per!r}")
-    if insufficient not in ("error", "take_all"):
-        raise SplitError(
-            f"DATASET.INSUFFICIENT_SHOTS must be 'error' or 'take_all', not {insufficient!r}"
-        )
-    if num_shots < 0:
-        raise SplitError(f"number of shots must be >= 0, got {num_shots}")
-    strata: dict[tuple[str, str], list[Item]] = defaultdict(list)
-    for item in items:
-        strata[(item.class_name, item.center if per == "class_center" else "")].append(item)
-    chosen: list[Item] = []
-    for (class_name, center), members in sorted(strata.items()):
-        if len(members) < num_shots and insufficient == "error":
-            where = f" in center {center!r}" if center else ""
-            raise SplitError(
-                f"class {class_name!r}{where} has {len(members)} training images, fewer than "
-                f"{num_shots} shots (lower DATASET.NUM_SHOTS or set "
-                "DATASET.INSUFFICIENT_SHOTS take_all)"
-            )
-        chosen.extend(_shuffled(members, seed, f"{class_name}/{center}")[:num_shots])
-    return sorted(chosen, key=lambda item: (item.label, item.center, item.path))
-
-
-def sample_fraction(
-    items: Sequence[Item], fraction: float, seed: int, per: str = "class"
-) -> list[Item]:
-    """Label efficiency: ceil(fraction x n) items of each class (or class and center) of n items.
-
-    Uses the same per-class shuffle as `sample_few_shot`, so smaller fractions (and shot sets)
-    are subsets of larger ones. Returned sorted by (label, center, path).
-    """
-    if not 0 < fraction <= 1:
-        raise SplitError(f"DATASET.TRAIN_FRACTION must be in (0, 1], not {fraction}")
-    strata: dict[tuple[str, str], list[Item]] = defaultdict(list)
-    for item in items:
-        strata[(item.class_name, item.center if per == "class_center" else "")].append(item)
-    chosen: list[Item] = []
-    for (class_name, center), members in sorted(strata.items()):
-        count = math.ceil(fraction * len(members))
-        chosen.extend(_shuffled(members, seed, f"{class_name}/{center}")[:count])
-    return sorted(chosen, key=lambda item: (item.label, item.center, item.path))
 
 
 def partition_groups(
@@ -210,7 +139,10 @@ def draw_split(
             f"{', '.join(sources)} (check the official split or DATASET.SOURCE_CENTERS)"
         )
     if data.TRAIN_FRACTION > 0:
-        train = sample_fraction(pool, data.TRAIN_FRACTION, data.SPLIT_SEED, data.SHOTS_PER)
+        rounding = data.get("TRAIN_FRACTION_ROUNDING", "floor")
+        train = sample_fraction(
+            pool, data.TRAIN_FRACTION, data.SPLIT_SEED, data.SHOTS_PER, rounding
+        )
     else:
         train = sample_few_shot(
             pool, data.NUM_SHOTS, data.SPLIT_SEED, data.SHOTS_PER, data.INSUFFICIENT_SHOTS
@@ -248,6 +180,7 @@ def split_options(cfg: CfgNode) -> dict:
     }
     if cfg.DATASET.get("TRAIN_FRACTION", 0):  # only when on: older split files stay valid
         options["train_fraction"] = cfg.DATASET.TRAIN_FRACTION
+        options["train_fraction_rounding"] = cfg.DATASET.get("TRAIN_FRACTION_ROUNDING", "floor")
     return options
 
 

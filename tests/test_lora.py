@@ -1,17 +1,37 @@
-"""LoRA selection, freezing, adapter files and merging on the tiny CLIP."""
+"""LoRA selection, scaling, freezing, adapter files and merging on the tiny CLIP; the CLIP-LoRA
+paper recipe (one template, fixed logit scale, bicubic crops) and its runs."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from fewclip.backbones import build_clip
-from fewclip.config import get_cfg_defaults
-from fewclip.lora import apply_lora, load_adapter, lora_state_dict, merge_lora, save_adapter
+from fewclip.config import ConfigError, build_config, get_cfg_defaults
+from fewclip.images import augment_batch
+from fewclip.lora import (
+    apply_lora,
+    compute_lora_scaling,
+    load_adapter,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+)
+from fewclip.prompts import build_default_prompts
+from fewclip.run import execute_run
+from fewclip_trainers.clip_lora import CLIPLoRA, build_class_texts
+
+RECIPE, SYNTHETIC = "configs/trainers/clip_lora.yaml", "configs/datasets/synthetic.yaml"
+REAL_DATA = Path(os.environ.get("FEWCLIP_REAL_DATA", "/nonexistent/fewclip-real-data"))
 
 IMAGES = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
 TEXTS = ["a histopathology image of tumor.", "normal cervix"]
@@ -105,6 +125,7 @@ def test_adapter_round_trip_into_fresh_models(tmp_path):
         assert set(handle.keys()) == set(lora_state_dict(bundle.model))
         saved_config = json.loads(handle.metadata()["fewclip_lora_config"])
     assert saved_config["ENCODER"] == "both" and saved_config["TEXT_RANK"] == 4
+    assert saved_config["SCALING"] == "alpha_over_r"
 
     configured = tiny()  # LoRA injected by the caller, then loaded
     apply_lora(configured.model, config)
@@ -146,8 +167,224 @@ def test_merge_folds_deltas_into_plain_linears():
         ({"LAYERS": [0, 2]}, r"LAYERS \[2\] out of range .*0\.\.1"),
         ({"TOP_K": 3}, "TOP_K 3 exceeds"),
         ({"RANK": 0}, "RANK must be >= 1"),
+        (
+            {"SCALING": "alpha_over_rank"},
+            "LORA.SCALING 'alpha_over_rank'.*alpha_over_r, alpha_over_sqrt_r",
+        ),
     ],
 )
 def test_bad_lora_config_values_raise(values, message):
     with pytest.raises(ValueError, match=message):
         apply_lora(tiny().model, lora_cfg(**values))
+
+
+# ----- scaling: W x + s B A x, s = alpha / sqrt(r) (CLIP-LoRA loralib/layers.py:42, :204) -------
+def hand_made(shape, offset):
+    """Deterministic, non-symmetric values (no RNG): a ramp through a sine."""
+    count = math.prod(shape)
+    return torch.sin(torch.arange(count, dtype=torch.float32) * 0.37 + offset).view(shape) * 0.3
+
+
+def set_hand_made_lora(layer, offset):
+    """Give one peft LoRA Linear hand-made A (r, in) and B (out, r); return (W, b, A, B)."""
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        a.copy_(hand_made(a.shape, offset))
+        b.copy_(hand_made(b.shape, offset + 1.0))
+    base = layer.get_base_layer()
+    return base.weight.detach(), base.bias.detach(), a.detach().clone(), b.detach().clone()
+
+
+def reference_attention(x, weights, heads):
+    """Independent multi-head self-attention from merged (W, b) of q, k, v, out; x (N, L, E)."""
+    (wq, bq), (wk, bk), (wv, bv), (wo, bo) = weights
+    batch, length, width = x.shape
+    head_dim = width // heads
+
+    def split(t):  # (N, L, E) -> (N, heads, L, head_dim)
+        return t.reshape(batch, length, heads, head_dim).transpose(1, 2)
+
+    q, k, v = split(x @ wq.T + bq), split(x @ wk.T + bk), split(x @ wv.T + bv)
+    attention = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(head_dim), dim=-1)
+    out = (attention @ v).transpose(1, 2).reshape(batch, length, width)
+    return out @ wo.T + bo
+
+
+@pytest.mark.parametrize(
+    ("scaling", "factor"),
+    [("alpha_over_sqrt_r", lambda a, r: a / math.sqrt(r)), ("alpha_over_r", lambda a, r: a / r)],
+)
+def test_lora_output_is_w_x_plus_scaled_b_a_x(scaling, factor):
+    alpha, rank, text_rank = 3.0, 4, 2
+    bundle = tiny()
+    config = lora_cfg(
+        ENCODER="both", LAYERS=[0], TARGETS=["q", "k", "v", "out", "mlp"], RANK=rank,
+        TEXT_RANK=text_rank, ALPHA=alpha, SCALING=scaling,
+    )  # fmt: skip
+    apply_lora(bundle.model, config)
+    bundle.model.eval()  # LoRA dropout off
+    assert compute_lora_scaling(alpha, rank, scaling) == pytest.approx(factor(alpha, rank))
+    offset = 0.0
+    for prefix, r in (
+        ("visual.transformer.resblocks.0", rank),
+        ("transformer.resblocks.0", text_rank),
+    ):
+        s = factor(alpha, r)
+        block = bundle.model.get_submodule(prefix)
+        merged = []
+        for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "mlp.c_fc"):
+            layer = block.get_submodule(name)
+            offset += 2.0
+            w, b, a, b_up = set_hand_made_lora(layer, offset)
+            assert a.shape[0] == r
+            x = hand_made((5, w.shape[1]), offset + 0.5)
+            expected = x @ w.T + b + s * (x @ a.T) @ b_up.T
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+            merged.append((w + s * b_up @ a, b))
+        attention = block.attn  # the split q/k/v/out attention as the block calls it
+        assert attention.batch_first  # open_clip's blocks call it with (N, L, E)
+        x = hand_made((2, 6, attention.embed_dim), 9.0)
+        output, _ = attention(x, x, x, need_weights=False)
+        expected = reference_attention(x, merged[:4], attention.num_heads)
+        torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_old_adapter_without_scaling_loads_as_alpha_over_r(tmp_path):
+    bundle = tiny()
+    config = lora_cfg(LAYERS=[0], TARGETS=["q"], RANK=4, ALPHA=2.0, SCALING="alpha_over_r")
+    apply_lora(bundle.model, config)
+    randomise_lora_b(bundle.model)
+    expected = encode(bundle)
+    metadata = dict(bundle.model.fewclip_lora_config)
+    del metadata["SCALING"]  # written before the key existed
+    state = {name: tensor.contiguous() for name, tensor in lora_state_dict(bundle.model).items()}
+    save_file(
+        state, str(tmp_path / "old.safetensors"), {"fewclip_lora_config": json.dumps(metadata)}
+    )
+    fresh = tiny()
+    load_adapter(fresh.model, tmp_path / "old.safetensors")
+    assert max_difference(expected, encode(fresh)) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "choices"),
+    [
+        ("LORA.SCALING", "sqrt", "alpha_over_r, alpha_over_sqrt_r"),
+        ("INPUT.CROP_INTERPOLATION", "nearest", "bilinear, bicubic"),
+    ],
+)
+def test_bad_choice_fails_at_config_time_naming_key_and_choices(key, value, choices):
+    with pytest.raises(ConfigError) as error:
+        build_config(RECIPE, SYNTHETIC, [key, value])
+    message = str(error.value)
+    assert key in message and repr(value) in message and choices in message and "\n" not in message
+
+
+# ----- the CLIP-LoRA trainer: source template, logit scale, crops ------------------------------
+def clip_lora(*opts: str) -> CLIPLoRA:
+    cfg = build_config(RECIPE, SYNTHETIC, ["MODEL.NAME", "tiny-vit", "CACHE_DIR", "", *opts])
+    names = ["normal", "high_grade", "carcinoma_in_situ"]
+    prompts = build_default_prompts(names, ["an image of {}."])
+    prompts.classes["high_grade"]["label"] = "a high-grade lesion"
+    dataset = SimpleNamespace(class_names=names, prompts=prompts)
+    return CLIPLoRA(cfg, build_clip(cfg.MODEL), dataset, torch.device("cpu"))
+
+
+def test_recipe_is_the_released_code():
+    cfg = build_config(RECIPE, SYNTHETIC)
+    lora, node = cfg.LORA, cfg.TRAINER.CLIPLORA
+    assert (lora.ENCODER, list(lora.TARGETS), lora.RANK, lora.ALPHA) == (
+        "both",
+        ["q", "k", "v"],
+        2,
+        1.0,
+    )
+    assert (lora.SCALING, lora.DROPOUT, list(lora.LAYERS), lora.TOP_K) == (
+        "alpha_over_sqrt_r",
+        0.25,
+        [],
+        0,
+    )
+    assert compute_lora_scaling(lora.ALPHA, lora.RANK, lora.SCALING) == pytest.approx(0.70710678)
+    assert (list(node.TEMPLATES), node.CLASS_WORDS, node.LOGIT_SCALE) == (
+        ["a photo of a {}."],
+        "class_name",
+        100.0,
+    )
+    assert tuple(cfg.INPUT.CROP_SCALE) == (0.08, 1.0) and cfg.INPUT.CROP_INTERPOLATION == "bicubic"
+    optim = cfg.OPTIM
+    assert (optim.LR, optim.WEIGHT_DECAY, optim.MIN_LR, optim.BATCH_SIZE) == (2e-4, 1e-2, 1e-6, 32)
+    assert (optim.ITERS_PER_SHOT, optim.WARMUP_ITERS, cfg.EVAL.SELECT) == (500, 0, "last")
+
+
+def test_class_texts_are_one_template_with_the_class_name():
+    trainer = clip_lora()
+    assert trainer.class_texts() == [
+        ["a photo of a normal."],
+        ["a photo of a high grade."],
+        ["a photo of a carcinoma in situ."],
+    ]
+    labels = clip_lora("TRAINER.CLIPLORA.CLASS_WORDS", "label").class_texts()
+    assert labels[1] == ["a photo of a a high-grade lesion."]
+    ensemble = clip_lora("TRAINER.CLIPLORA.TEMPLATES", "[]").class_texts()
+    assert ensemble == trainer.prompts.texts("label")
+    assert build_class_texts(["a_b"], ["x"], ["{}.", "A {}!"], "class_name") == [["a b.", "A a b!"]]
+    with pytest.raises(ValueError, match="CLASS_WORDS 'word'.*class_name, label"):
+        clip_lora("TRAINER.CLIPLORA.CLASS_WORDS", "word")
+    with pytest.raises(ValueError, match="TEMPLATES \\[\\]"):
+        clip_lora("TRAINER.CLIPLORA.PROMPT_LEVEL", "short")
+
+
+def test_logits_are_a_fixed_100_times_the_cosine():
+    trainer = clip_lora()
+    trainer.prepare(SimpleNamespace())
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    trainer.network.eval()
+    with torch.no_grad():
+        trainer.on_eval_start()
+        logits = trainer.compute_logits(images)
+        image = torch.nn.functional.normalize(trainer.clip.encode_image(images), dim=-1)
+        from fewclip.features import compute_text_features
+
+        text = compute_text_features(
+            trainer.clip, trainer.bundle.tokenizer, trainer.class_texts(), "cpu"
+        )
+    torch.testing.assert_close(logits, 100.0 * image @ text.T, rtol=1e-5, atol=1e-4)
+    learned = clip_lora("TRAINER.CLIPLORA.LOGIT_SCALE", "0")
+    assert learned.logit_scale() == pytest.approx(float(learned.clip.logit_scale.exp()))
+
+
+def test_training_crops_are_the_recipe_scale_and_bicubic():
+    trainer = clip_lora()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    state = trainer.generator.get_state()
+    cropped = trainer.augment(images, None)
+    expected = augment_batch(
+        images, torch.Generator().set_state(state), (0.08, 1.0), interpolation="bicubic"
+    )
+    torch.testing.assert_close(cropped, expected)
+    bilinear = augment_batch(images, torch.Generator().set_state(state), (0.08, 1.0))
+    assert (bilinear - cropped).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="INPUT.CROP_INTERPOLATION 'area'.*bilinear, bicubic"):
+        augment_batch(images, torch.Generator(), interpolation="area")
+
+
+def test_paper_recipe_runs_end_to_end(fast_opts):
+    results = execute_run(build_config(RECIPE, SYNTHETIC, fast_opts))
+    assert results["status"] == "complete", results.get("error")
+    assert results["config"]["LORA"]["SCALING"] == "alpha_over_sqrt_r"
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(
+    not (REAL_DATA / "herlev").is_dir(),
+    reason="set FEWCLIP_REAL_DATA to the shared real-data folder to run this",
+)
+def test_paper_recipe_on_herlev(tmp_path):
+    opts = ["DATASET.ROOT", str(REAL_DATA / "herlev"), "OUTPUT_DIR", str(tmp_path / "out")]
+    opts += ["CACHE_DIR", str(tmp_path / "cache"), "MODEL.NAME", "tiny-vit"]
+    opts += ["DATASET.NUM_SHOTS", "2", "OPTIM.MAX_ITERS", "3", "OPTIM.BATCH_SIZE", "8"]
+    results = execute_run(build_config(RECIPE, "configs/datasets/herlev.yaml", opts))
+    assert results["status"] == "complete", results.get("error")
+    assert results["split"]["num_train"] == 7 * 2
+    assert 0.0 <= results["metrics"]["test"]["balanced_accuracy"] <= 1.0

@@ -1,4 +1,4 @@
-"""Few-shot sampling, group-aware partitions and split files."""
+"""Few-shot sampling, label-efficiency fractions, group-aware partitions and split files."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from conftest import write_image
 
 from fewclip.data import Item
+from fewclip.shots import compute_fraction_count, sample_fraction
 from fewclip.splits import SplitError, build_split, partition_groups, sample_few_shot
 from fewclip_datasets.csv_dataset import CSVDataset
 from fewclip_datasets.image_folder import ImageFolder
@@ -165,3 +166,49 @@ def test_class_without_training_images_is_named(tmp_path, make_cfg):
     cfg.DATASET.CSV.FILE = str(tmp_path / "data" / "table.csv")
     with pytest.raises(SplitError, match="classes pos have no training images"):
         build_split(CSVDataset(cfg), cfg)
+
+
+# ----- label efficiency: CervixFM takes int(f * n) per class (instance_dataset.py:32) -----------
+@pytest.mark.parametrize(
+    ("fraction", "count", "floor", "ceil"),
+    [(0.3, 7, 2, 3), (0.29, 100, 28, 29), (0.5, 9, 4, 5), (0.1, 5, 0, 1), (0.25, 8, 2, 2)],
+)
+def test_fraction_count_is_int_of_f_times_n_or_ceil(fraction, count, floor, ceil):
+    assert compute_fraction_count(fraction, count, "floor") == int(fraction * count) == floor
+    assert compute_fraction_count(fraction, count, "ceil") == ceil
+
+
+def test_sample_fraction_floor_and_ceil_per_class_and_nested():
+    items = make_items(7, classes=("a", "b", "c"))
+    floor = sample_fraction(items, 0.3, seed=4, rounding="floor")
+    ceil = sample_fraction(items, 0.3, seed=4, rounding="ceil")
+    for chosen, expected in ((floor, int(0.3 * 7)), (ceil, 3)):
+        assert {name: sum(i.class_name == name for i in chosen) for name in "abc"} == dict.fromkeys(
+            "abc", expected
+        )
+    assert set(floor) < set(ceil)  # one per-class shuffle: the smaller share is a subset
+    assert set(sample_few_shot(items, 1, seed=4)) <= set(floor)
+
+
+def test_fraction_rounding_to_zero_names_the_class_and_bad_rounding_the_choices():
+    items = make_items(9, classes=("big",)) + make_items(3, classes=("small",))
+    with pytest.raises(SplitError, match="class 'small'.*rounds down to 0.*ROUNDING ceil"):
+        sample_fraction(items, 0.2, seed=1, rounding="floor")
+    assert len(sample_fraction(items, 0.2, seed=1, rounding="ceil")) == 2 + 1
+    with pytest.raises(SplitError, match="TRAIN_FRACTION_ROUNDING 'round'.*floor, ceil"):
+        sample_fraction(items, 0.2, seed=1, rounding="round")
+
+
+def test_fraction_rounding_is_part_of_the_split_file(image_tree, make_cfg):
+    root = image_tree({"a": 7, "b": 7})
+    names = {}
+    for rounding, expected in (("floor", 2), ("ceil", 3)):  # 0.5 of the 5 left after the test 2
+        cfg = make_cfg("ImageFolder", ROOT=str(root), TRAIN_FRACTION=0.5, VAL_FRACTION=0.0)
+        cfg.DATASET.TEST_FRACTION = 0.3
+        cfg.DATASET.TRAIN_FRACTION_ROUNDING = rounding
+        split = build_split(ImageFolder(cfg), cfg)
+        names[rounding] = split.path.name
+        assert sum(item.class_name == "a" for item in split.test) == 2
+        assert sum(item.class_name == "a" for item in split.train) == expected
+        assert json.loads(split.path.read_text())["options"]["train_fraction_rounding"] == rounding
+    assert names["floor"] != names["ceil"]

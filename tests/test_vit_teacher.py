@@ -1,11 +1,16 @@
 """ViTTeacher: heads, trainable sets per mode, local weights (timm and open_clip towers), label
-efficiency (DATASET.TRAIN_FRACTION), end-to-end run with retrieval metrics."""
+efficiency (DATASET.TRAIN_FRACTION), the CervixFM fixed-feature probe, end-to-end runs with
+retrieval metrics (the paper recipe configs/trainers/cervixfm_probe.yaml)."""
 
 from __future__ import annotations
 
+import math
+import os
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +19,7 @@ from fewclip.config import build_config
 from fewclip.registry import DATASETS
 from fewclip.run import execute_run
 from fewclip.splits import SplitError, build_split, draw_split, split_file_path
+from fewclip.trainer import ImageSet
 from fewclip_trainers.vit_teacher import (
     ViTTeacher,
     build_head,
@@ -22,11 +28,13 @@ from fewclip_trainers.vit_teacher import (
 )
 
 RECIPE, DATA = "configs/trainers/vit_teacher.yaml", "configs/datasets/synthetic.yaml"
+PROBE = "configs/trainers/cervixfm_probe.yaml"
+REAL_DATA = Path(os.environ.get("FEWCLIP_REAL_DATA", "/nonexistent/fewclip-real-data"))
 CLASSES = ["normal", "lsil", "hsil", "carcinoma"]
 
 
-def build_trainer(*opts: str) -> ViTTeacher:
-    cfg = build_config(RECIPE, DATA, list(opts))
+def build_trainer(*opts: str, recipe: str = RECIPE) -> ViTTeacher:
+    cfg = build_config(recipe, DATA, list(opts))
     dataset = SimpleNamespace(class_names=CLASSES, prompts=None)
     return ViTTeacher(cfg, build_clip(cfg.MODEL), dataset, torch.device("cpu"))
 
@@ -101,9 +109,11 @@ def test_open_clip_tower_takes_the_visual_part_of_a_clip_checkpoint(tmp_path):
         torch.testing.assert_close(trainer.network["encoder"].state_dict()[name], value)
 
 
-def test_train_fraction_takes_a_seeded_nested_share_of_each_class(make_cfg):
+@pytest.mark.parametrize("rounding", ["floor", "ceil"])
+def test_train_fraction_takes_a_seeded_nested_share_of_each_class(make_cfg, rounding):
     def split_for(fraction: float, seed: int = 1):
         cfg = make_cfg(SOURCE_CENTERS=["center_a"], TRAIN_FRACTION=fraction, SPLIT_SEED=seed)
+        cfg.DATASET.TRAIN_FRACTION_ROUNDING = rounding
         cfg.DATASET.SYNTHETIC.IMAGES_PER_CLASS = 12
         dataset = DATASETS.get("SyntheticMultiCenter")(cfg)
         return cfg, dataset, draw_split(dataset, cfg)
@@ -113,7 +123,8 @@ def test_train_fraction_takes_a_seeded_nested_share_of_each_class(make_cfg):
     _, _, (quarter, *_) = split_for(0.25)
     per_class_all = Counter(item.class_name for item in pool_all)
     per_class_half = Counter(item.class_name for item in pool_half)
-    assert per_class_half == {name: -(-count // 2) for name, count in per_class_all.items()}
+    round_count = int if rounding == "floor" else math.ceil
+    assert per_class_half == {name: round_count(0.5 * n) for name, n in per_class_all.items()}
     assert set(quarter) <= set(pool_half) <= set(pool_all)  # nested across fractions
     assert split_for(0.5)[2][0] == pool_half  # seeded
     assert split_for(0.5, seed=2)[2][0] != pool_half
@@ -122,6 +133,117 @@ def test_train_fraction_takes_a_seeded_nested_share_of_each_class(make_cfg):
     assert len(build_split(dataset, cfg).train) == len(pool_half)
     with pytest.raises(SplitError, match="TRAIN_FRACTION"):
         split_for(1.5)
+
+
+# ----- the CervixFM probe: fixed features (downstream/utils/train.py:99-140) ---------------------
+def tiny_train_set(count: int = 6) -> ImageSet:
+    pixels = np.random.default_rng(0).integers(0, 256, (count, 64, 64, 3), dtype=np.uint8)
+    return ImageSet(images=pixels, labels=np.arange(count) % 4, centers=["a"] * count)
+
+
+def head_inputs_per_step(trainer: ViTTeacher, train: ImageSet) -> list[torch.Tensor]:
+    """Train, recording the (B, D) features each step feeds the head, rows put in index order."""
+    seen, batches = [], []
+    original = trainer.build_sampler
+
+    def recording_sampler(data):
+        sampler = original(data)
+        epoch = sampler.epoch_indices
+
+        def indices():
+            order = epoch()
+            batches.append(order)
+            return order
+
+        sampler.epoch_indices = indices
+        return sampler
+
+    trainer.build_sampler = recording_sampler
+    hook = trainer.network["head"].register_forward_hook(
+        lambda module, inputs, output: seen.append(inputs[0].detach().clone())
+    )
+    trainer.fit(train, None)
+    hook.remove()
+    return [features[np.argsort(order)] for features, order in zip(seen, batches)]
+
+
+def test_probe_without_augmentation_sees_identical_features_each_epoch(fast_opts):
+    trainer = build_trainer(*fast_opts, "OPTIM.MAX_ITERS", "4", recipe=PROBE)
+    assert trainer.fixed_features and trainer.cfg.INPUT.AUGMENT == "none"
+    train = tiny_train_set()
+    steps = head_inputs_per_step(trainer, train)
+    assert len(steps) == 4  # batch = the whole set: one step per epoch, as the source's 1 batch
+    encoder = trainer.network["encoder"].eval()
+    with torch.no_grad():  # independent: the frozen encoder on the un-augmented images
+        expected = encoder(trainer.input_tensor(train.images))
+    for features in steps:
+        torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-5)
+    cropped = build_trainer(
+        *fast_opts, "OPTIM.MAX_ITERS", "4", "TRAINER.VITTEACHER.PROBE_AUGMENT", "crop_flip",
+        "INPUT.AUGMENT", "crop_flip", recipe=PROBE,
+    )  # fmt: skip
+    varied = head_inputs_per_step(cropped, tiny_train_set())
+    assert (varied[0] - varied[1]).abs().max() > 1e-4  # new crops, new features every epoch
+
+
+def test_probe_recipe_is_the_released_code():
+    cfg = build_config(PROBE, DATA)
+    node, optim = cfg.TRAINER.VITTEACHER, cfg.OPTIM
+    assert (node.MODE, node.HEAD, node.PROBE_AUGMENT, node.EPOCHS) == (
+        "linear_probe", "linear", "none", 1000,
+    )  # fmt: skip
+    assert (optim.LR, optim.WEIGHT_DECAY, optim.MIN_LR, optim.BATCH_SIZE) == (1e-3, 1e-4, 1e-6, 64)
+    assert cfg.DATASET.TRAIN_FRACTION_ROUNDING == "floor" and list(cfg.EVAL.RETRIEVAL) == [
+        1,
+        3,
+        5,
+        10,
+    ]
+    assert cfg.EVAL.RETRIEVAL_NORMALISE == "centre_then_normalise"
+
+
+def test_epochs_give_epochs_times_batches_per_epoch(fast_opts):
+    trainer = build_trainer(
+        *fast_opts, "OPTIM.MAX_ITERS", "0", "OPTIM.BATCH_SIZE", "4", recipe=PROBE
+    )
+    trainer.prepare(tiny_train_set(10))
+    assert trainer.num_iterations() == 1000 * math.ceil(10 / 4)
+    trainer.prepare(tiny_train_set(3))  # batch capped at the set: one step per epoch
+    assert trainer.num_iterations() == 1000
+    capped = build_trainer(*fast_opts, "OPTIM.MAX_ITERS", "7", recipe=PROBE)
+    capped.prepare(tiny_train_set(10))
+    assert capped.num_iterations() == 7
+
+
+def test_bad_probe_options_name_key_and_choices():
+    with pytest.raises(ValueError, match="PROBE_AUGMENT 'flip' is not one of none, crop_flip"):
+        build_trainer("TRAINER.VITTEACHER.PROBE_AUGMENT", "flip", recipe=PROBE)
+    with pytest.raises(ValueError, match="PROBE_AUGMENT crop_flip needs INPUT.AUGMENT crop_flip"):
+        build_trainer("TRAINER.VITTEACHER.PROBE_AUGMENT", "crop_flip", recipe=PROBE)
+
+
+def test_probe_recipe_runs_end_to_end_with_source_retrieval(fast_opts):
+    results = execute_run(build_config(PROBE, DATA, fast_opts))
+    assert results["status"] == "complete", results.get("error")
+    retrieval = results["metrics"]["test"]["retrieval"]
+    assert {"hit_rate@10", "majority_vote_accuracy@5", "majority_vote_accuracy@10"} <= set(
+        retrieval
+    )
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(
+    not (REAL_DATA / "herlev").is_dir(),
+    reason="set FEWCLIP_REAL_DATA to the shared real-data folder to run this",
+)
+def test_probe_recipe_on_herlev_with_label_efficiency(tmp_path):
+    opts = ["DATASET.ROOT", str(REAL_DATA / "herlev"), "OUTPUT_DIR", str(tmp_path / "out")]
+    opts += ["CACHE_DIR", str(tmp_path / "cache"), "MODEL.NAME", "tiny-vit"]
+    opts += ["DATASET.TRAIN_FRACTION", "0.05", "OPTIM.MAX_ITERS", "3"]
+    results = execute_run(build_config(PROBE, "configs/datasets/herlev.yaml", opts))
+    assert results["status"] == "complete", results.get("error")
+    assert results["metrics"]["test"]["retrieval"]["gallery_size"] == results["split"]["num_train"]
+    assert 7 <= results["split"]["num_train"] < 917 * 0.05
 
 
 def test_linear_probe_runs_end_to_end_with_retrieval(fast_opts):

@@ -6,11 +6,16 @@ model name), optionally with local weights (WEIGHTS: a UNI- or CervixFM-style st
 linear or MLP head on its pooled (CLS) features is trained: with the encoder (MODE finetune), or
 alone on the frozen encoder with a zero-initialised head (MODE linear_probe, CervixFM). Its run
 folder is a distillation teacher (DISTILL.SOURCE) for CLIP-LoRA and AMLPF.
+
+CervixFM's probe (yehua201826/CervixFM downstream/utils/train.py:99-140) encodes each training
+image once, un-augmented, and trains the head on those fixed features: PROBE_AUGMENT none.
+`crop_flip` encodes augmented crops every step instead (our variant).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +28,16 @@ from yacs.config import CfgNode
 
 from fewclip.backbones import describe_state_mismatch, read_state_dict, split_fused_attention
 from fewclip.data import Item
+from fewclip.features import autocast_context
 from fewclip.images import to_model_input
 from fewclip.registry import TRAINERS
 from fewclip.samplers import add_sampler_keys
-from fewclip.trainer import TrainerBase
+from fewclip.trainer import ImageSet, TrainerBase
 
 LOGGER = logging.getLogger(__name__)
 HEADS = ("linear", "mlp")
 MODES = ("finetune", "linear_probe")
+PROBE_AUGMENTS = ("none", "crop_flip")
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -129,6 +136,8 @@ class ViTTeacher(TrainerBase):
         node.HEAD = "mlp"  # "linear" or "mlp"
         node.HIDDEN_DIM = 512  # width of the MLP head
         node.DROPOUT = 0.1  # dropout inside the MLP head
+        node.PROBE_AUGMENT = "none"  # linear_probe: "none" (fixed features, CervixFM), "crop_flip"
+        node.EPOCHS = 0  # > 0: iterations = EPOCHS x ceil(N / batch) (CervixFM 1000); 0 = OPTIM's
         add_sampler_keys(node)
         return node
 
@@ -136,6 +145,19 @@ class ViTTeacher(TrainerBase):
         node = self.node
         if node.MODE not in MODES:
             raise ValueError(f"TRAINER.VITTEACHER.MODE {node.MODE!r} is not one of {MODES}")
+        if node.PROBE_AUGMENT not in PROBE_AUGMENTS:
+            raise ValueError(
+                f"TRAINER.VITTEACHER.PROBE_AUGMENT {node.PROBE_AUGMENT!r} is not one of "
+                f"{', '.join(PROBE_AUGMENTS)}"
+            )
+        if node.EPOCHS < 0:
+            raise ValueError(f"TRAINER.VITTEACHER.EPOCHS must be >= 0, not {node.EPOCHS}")
+        probe_crops = node.MODE == "linear_probe" and node.PROBE_AUGMENT == "crop_flip"
+        if probe_crops and self.cfg.INPUT.AUGMENT != "crop_flip":
+            raise ValueError(
+                "TRAINER.VITTEACHER.PROBE_AUGMENT crop_flip needs INPUT.AUGMENT crop_flip "
+                f"(got {self.cfg.INPUT.AUGMENT!r})"
+            )
         if node.ARCH:
             encoder, dim, mean, std = build_timm_encoder(node.ARCH, node.IMAGE_SIZE)
             default_size = encoder.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
@@ -150,6 +172,9 @@ class ViTTeacher(TrainerBase):
         self.mean, self.std = tuple(node.MEAN or mean), tuple(node.STD or std)
         del self.network["clip"]  # the text tower plays no part
         self.linear_probe = node.MODE == "linear_probe"
+        self.fixed_features = self.linear_probe and node.PROBE_AUGMENT == "none"
+        self.train_features: torch.Tensor | None = None  # (N, D) when fixed_features
+        self.train_size = 0
         encoder.requires_grad_(not self.linear_probe)
         self.network["encoder"] = encoder
         self.network["head"] = build_head(
@@ -171,11 +196,42 @@ class ViTTeacher(TrainerBase):
                 return self.network["encoder"](images)
         return self.network["encoder"](images)
 
+    def prepare(self, train: ImageSet) -> None:
+        """Fixed-feature probe: encode every training image once, un-augmented, in eval mode."""
+        self.train_size = len(train)
+        if not self.fixed_features:
+            return
+        batches = []
+        with torch.no_grad():
+            for start in range(0, len(train), self.cfg.EVAL.BATCH_SIZE):
+                images = self.input_tensor(train.images[start : start + self.cfg.EVAL.BATCH_SIZE])
+                with autocast_context(self.device, self.cfg.PRECISION):
+                    batches.append(self.compute_image_features(images).float())
+        self.train_features = torch.cat(batches)
+
+    def num_iterations(self) -> int:
+        """OPTIM.MAX_ITERS if set, else EPOCHS x ceil(N / batch) if EPOCHS, else OPTIM's."""
+        optim = self.cfg.OPTIM
+        if optim.MAX_ITERS or not self.node.EPOCHS:
+            return super().num_iterations()
+        batch = min(optim.BATCH_SIZE, max(1, self.train_size))
+        return self.node.EPOCHS * math.ceil(max(1, self.train_size) / batch)
+
+    def augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
+        """No crops for the fixed-feature probe (its features do not come from these images)."""
+        return images if self.fixed_features else super().augment(images, indices)
+
     def compute_losses(
         self, images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray
     ) -> dict:
-        """CE(head(encoder(x)), y): plain supervised cross-entropy."""
-        logits = self.network["head"](self.compute_image_features(images)).float()
+        """CE(head(features), y): plain supervised cross-entropy; the fixed-feature probe reads
+        the training features of `indices` computed once in `prepare`."""
+        if self.fixed_features:
+            rows = torch.as_tensor(np.asarray(indices), device=self.train_features.device)
+            features = self.train_features[rows]
+        else:
+            features = self.compute_image_features(images)
+        logits = self.network["head"](features).float()
         self.batch_logits = logits
         return {"cross_entropy": F.cross_entropy(logits, labels)}
 
