@@ -285,7 +285,7 @@ def test_teacher_sees_the_student_views_each_step(teacher_run, tmp_path, shared_
         expected_teacher = combine_view_logits(teacher.compute_logits(raw).view(3, 9, -1))
     difference = torch.softmax(student, 1) - torch.softmax(expected_teacher, 1)
     value = float(losses["distillation"].detach())
-    assert value == pytest.approx(float(torch.norm(difference, 2)), 1e-4)
+    assert value == pytest.approx(float(torch.norm(difference, 2).detach()), 1e-4)
     opts = [*SMALL, "OUTPUT_DIR", str(tmp_path), "CACHE_DIR", str(shared_cache)]
     opts += ["DATASET.NUM_SHOTS", "2", "OPTIM.MAX_ITERS", "3"]
     opts += ["TRAINER.AMLPF.DISTILL.SOURCE", str(teacher_run)]
@@ -311,3 +311,48 @@ def test_paper_recipe_on_oral_histopathology(tmp_path):
     assert results["training"]["stored_size"] == 224  # the images' own 224 x 224
     assert results["metrics"]["targets"]["400x"]["num_samples"] == 673
     assert 0.0 <= results["metrics"]["test"]["balanced_accuracy"] <= 1.0
+
+
+# ----- difficulty draw (main.py:384-407) ------------------------------------------------------
+def source_sample_weights(labels, drawn, drawn_logits, num_classes, gamma=2.0):
+    """The source's class weights from the previous epoch's drawn samples, then
+    class_weights[labels] (main.py:392-405)."""
+    class_weights = torch.zeros(num_classes)
+    drawn_labels = torch.as_tensor(labels)[torch.as_tensor(drawn)]
+    for i in range(num_classes):
+        mine = drawn_labels == i
+        ce = F.cross_entropy(drawn_logits[mine], drawn_labels[mine], reduction="none")
+        class_weights[i] = (1 - torch.exp(-ce)).pow(gamma).mean()
+    return class_weights[torch.as_tensor(labels)]
+
+
+@pytest.mark.parametrize(
+    ("labels", "seed"),  # seeds whose first epoch draws every class (else the source has NaN)
+    [([0, 0, 1, 1, 2, 2], 2), ([0, 0, 0, 0, 0, 1, 1, 2], 0)],
+)
+def test_difficulty_draw_with_the_switches_off_is_the_source_draw(labels, seed):
+    from fewclip.samplers import DifficultySampler
+
+    labels = np.array(labels)
+    node = build_trainer().node  # the paper defaults: no smoothing, floor or inverse frequency
+    sampler = DifficultySampler(labels, torch.Generator().manual_seed(seed), node)
+    reference = torch.Generator().manual_seed(seed)
+    first = sampler.epoch_indices()  # epoch 1: uniform class weights (main.py:390-391)
+    uniform = torch.full((len(labels),), 1.0 / 3, dtype=torch.double)[torch.as_tensor(labels)]
+    expected = torch.multinomial(uniform, len(labels), True, generator=reference)
+    np.testing.assert_array_equal(first, expected.numpy())
+    logits = torch.tensor(
+        np.random.default_rng(0).normal(size=(len(labels), 3)) * 2, dtype=torch.float32
+    )
+    drawn_logits = logits[torch.as_tensor(first)]
+    drawn_labels = torch.as_tensor(labels)[torch.as_tensor(first)]
+    p_true = torch.softmax(drawn_logits, 1).gather(1, drawn_labels[:, None]).squeeze(1)
+    for start in range(0, len(first), 3):  # the loop reports batch by batch
+        sampler.update(first[start : start + 3], p_true[start : start + 3].numpy())
+    second = sampler.epoch_indices()
+    weights = source_sample_weights(labels, first, drawn_logits, 3).double()
+    assert (torch.bincount(drawn_labels, minlength=3) > 0).all()
+    ours = sampler.class_probabilities[labels] / sampler.class_probabilities[labels].sum()
+    np.testing.assert_allclose(ours, (weights / weights.sum()).numpy(), rtol=1e-5)
+    expected = torch.multinomial(weights, len(labels), True, generator=reference)
+    np.testing.assert_array_equal(second, expected.numpy())
