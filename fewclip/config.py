@@ -94,6 +94,7 @@ def get_cfg_defaults() -> CfgNode:
     cfg.INPUT.AUGMENT = "crop_flip"  # training augmentation: "crop_flip" or "none"
     cfg.INPUT.CROP_SCALE = (0.5, 1.0)  # RandomResizedCrop scale range
     cfg.INPUT.CROP_INTERPOLATION = "bilinear"  # resampling of the random crops: bilinear, bicubic
+    cfg.INPUT.STORE_SIZE = 0  # short side kept in the decoded-image store; 0 = the model input
 
     cfg.LORA = CfgNode()
     cfg.LORA.ENCODER = "vision"  # "vision", "text" or "both"

@@ -30,19 +30,33 @@ def distill_config_node() -> CfgNode:
     """The DISTILL node a trainer attaches to accept a teacher."""
     node = CfgNode()
     node.SOURCE = ""  # teacher: a run folder (or its checkpoint.safetensors) or an .npz; "" = off
-    node.LOSS = "l2_prob"  # "l2_prob" (AMLPF-CLIP) or "kl"
+    node.LOSS = "l2_prob"  # source_frobenius (AMLPF-CLIP's code) | l2_prob (per-sample) | kl
     node.WEIGHT = 1.0  # lambda: total loss = task loss + lambda * distillation loss
-    node.TEMPERATURE = 4.0  # T of the "kl" loss (l2_prob compares plain softmax outputs)
+    node.TEMPERATURE = 4.0  # T of the "kl" loss (the L2 losses compare plain softmax outputs)
     return node
+
+
+def compute_frobenius_prob_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor
+) -> torch.Tensor:
+    """AMLPF-CLIP's released distillation (models.py:185, `torch.norm(p_s - p_t, 2)`):
+    || softmax(Z_s) - softmax(Z_t) ||_F over the whole (B, C) matrix.
+
+    student_logits, teacher_logits: (B, C). For equal rows the value grows as sqrt(B).
+    """
+    difference = torch.softmax(student_logits.float(), -1) - torch.softmax(
+        teacher_logits.float(), -1
+    )
+    return difference.flatten().norm()
 
 
 def compute_l2_prob_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor
 ) -> torch.Tensor:
-    """AMLPF-CLIP distillation: (1/B) sum_i || softmax(z_s,i) - softmax(z_t,i) ||_2.
+    """Per-sample variant (ours): (1/B) sum_i || softmax(z_s,i) - softmax(z_t,i) ||_2.
 
     student_logits, teacher_logits: (B, C). A per-sample mean of the Euclidean distance, so the
-    value does not grow with the batch size (the released code summed over the batch).
+    value does not grow with the batch size (the released code's Frobenius norm does).
     """
     difference = torch.softmax(student_logits.float(), -1) - torch.softmax(
         teacher_logits.float(), -1
@@ -62,7 +76,20 @@ def compute_kl_loss(
     return temperature**2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-DISTILL_LOSSES = ("l2_prob", "kl")
+DISTILL_LOSSES = ("source_frobenius", "l2_prob", "kl")
+
+
+def compute_distillation_loss(
+    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The DISTILL.LOSS `name` between (B, C) student and teacher logits."""
+    if name == "source_frobenius":
+        return compute_frobenius_prob_loss(student_logits, teacher_logits)
+    if name == "l2_prob":
+        return compute_l2_prob_loss(student_logits, teacher_logits)
+    if name == "kl":
+        return compute_kl_loss(student_logits, teacher_logits, temperature)
+    raise ValueError(f"DISTILL.LOSS {name!r} is not one of {', '.join(DISTILL_LOSSES)}")
 
 
 def match_items_to_paths(items: Sequence[Item], paths: Sequence[str], source: str) -> np.ndarray:
@@ -169,10 +196,9 @@ class Distiller:
         if self.teacher_logits is None:
             raise RuntimeError("Distiller.prepare(train) must run before compute_loss")
         teacher = self.teacher_logits[torch.as_tensor(indices, device=self.device)]
-        if self.node.LOSS == "kl":
-            loss = compute_kl_loss(student_logits, teacher, self.node.TEMPERATURE)
-        else:
-            loss = compute_l2_prob_loss(student_logits, teacher)
+        loss = compute_distillation_loss(
+            self.node.LOSS, student_logits, teacher, self.node.TEMPERATURE
+        )
         return self.node.WEIGHT * loss
 
     def describe(self) -> dict[str, Any]:

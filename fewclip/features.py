@@ -168,7 +168,8 @@ def load_image_features(
         return encode_images(data.images)
     features = RowStore(
         Path(cache_dir) / "features",
-        compute_feature_key(store.key, encoder_key, f"batch={batch_size}", "rows-v1"),
+        # input_key: the stored pixels and, when STORE_SIZE > input, their resize to the input
+        compute_feature_key(store.input_key, encoder_key, f"batch={batch_size}", "rows-v1"),
         len(store.items),
         np.float32,
     )
@@ -177,7 +178,8 @@ def load_image_features(
     chunks += [np.array([row]) for row in np.setdiff1d(rows, eager)]
 
     def compute(chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pixels = store.read(chunk)  # unreadable images are zeros here, and FAILED below
+        pixels = store.read(chunk)  # the model-input view; unreadable images are zeros here,
+        # and FAILED below
         return encode_images(pixels).numpy(), store.rows.states(chunk) == FILLED
 
     features.fill(chunks, compute)

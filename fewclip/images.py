@@ -3,12 +3,21 @@
 An `ImageStore` covers the images a sweep can touch (the dataset's items in the centers its
 splits draw from) as one uint8 row store under `CACHE_DIR/images/` (see fewclip/stores.py),
 keyed by everything the pixels depend on: each file's path, size, modification and change
-times and inode, the image size and the resize recipe; a changed file changes the key, so a
+times and inode, the stored size and the resize recipe; a changed file changes the key, so a
 stale entry is never read. The first touch decodes every image that can be validation or test
 data in some seed (all items, except those of an official "train" split, which are decoded
 as shots ask for them), so later cells of a sweep decode (almost) nothing. Evaluation sets
 are `ImageRows` views that read one batch at a time from the store file; training sets are
 copied into memory once (they are small) and stay there for the whole fit.
+
+Store geometry (INPUT.STORE_SIZE): a row is the image's short side resized (bicubic) to the
+stored size S, then the centre S x S square: S = the model input (0, the default) is exactly the
+evaluation crop; S > input keeps that same region at (close to) the image's own resolution, for
+random training crops and multi-view windows cut from it. One square row shape keeps the store a
+fixed-stride memory map (no per-row sizes, no orientation cases) and makes the input-size view
+a plain resize of the row: evaluation then sees the same region as with S = 0, resized
+deterministically (`resize_rows`). Non-square images lose their long-side margins, as the
+evaluation crop always did.
 """
 
 from __future__ import annotations
@@ -29,17 +38,31 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fewclip.config import ConfigError
 from fewclip.data import ImageError, Item, load_image
 from fewclip.stores import FAILED, FILLED, RowStore
 
 LOGGER = logging.getLogger(__name__)
 RESIZE_RECIPE = "short-side-bicubic+center-crop+v1"
+VIEW_RECIPE = "bicubic-antialias+v1"  # stored row -> model input (when STORE_SIZE > input)
 CHUNK_ROWS = 128  # images decoded (and flushed to the store) per locked step
 _DECODE_SECONDS = [0.0]  # wall time this process spent decoding image files
 
 
+def check_store_size(store_size: int, image_size: int) -> int:
+    """The stored short side: STORE_SIZE, or the model input when it is 0; a ConfigError (before
+    anything is decoded) when it is negative or smaller than the model input."""
+    if store_size < 0 or 0 < store_size < image_size:
+        raise ConfigError(
+            f"INPUT.STORE_SIZE {store_size} is smaller than the model input {image_size}: use 0 "
+            f"(store at the input size) or a value >= {image_size}"
+        )
+    return int(store_size or image_size)
+
+
 def compute_image_key(items: Sequence[Item], image_size: int) -> str:
-    """Hash of the file list (path, size, mtime, ctime, inode) and the resize recipe.
+    """Hash of the file list (path, size, mtime, ctime, inode), the resize recipe and the size
+    the rows are stored at (`image_size`: STORE_SIZE, or the model input when that is 0).
 
     The change time and inode catch content rewritten with its old modification time restored
     (`cp -p`, `rsync -t`), which size and mtime alone would miss.
@@ -67,6 +90,16 @@ def resize_center_crop(image: Image.Image, image_size: int) -> np.ndarray:
     top = (new_size[1] - image_size) // 2
     image = image.crop((left, top, left + image_size, top + image_size))
     return np.asarray(image, dtype=np.uint8)
+
+
+def resize_rows(rows: np.ndarray, size: int) -> np.ndarray:
+    """Deterministic view of stored square rows at the model input: (N, S, S, 3) uint8 ->
+    (N, size, size, 3) uint8, antialiased bicubic (PIL-like), rounded; S == size is a no-op."""
+    if rows.shape[1] == size and rows.shape[2] == size:
+        return rows
+    tensor = torch.from_numpy(np.ascontiguousarray(rows)).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(tensor, size=(size, size), mode="bicubic", antialias=True)
+    return resized.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def decoding_seconds() -> float:
@@ -132,10 +165,12 @@ class ImageRows:
     evaluation set of any size costs no memory beyond the batch being read.
     """
 
-    def __init__(self, data: RowStore, rows: np.ndarray) -> None:
+    def __init__(self, data: RowStore, rows: np.ndarray, output_size: int | None = None) -> None:
         self.data = data  # the row store of decoded images; `ImageRows(view.data, rows)` re-views
         self.rows = np.asarray(rows, dtype=np.int64)
-        self.shape = (len(self.rows), *data.row_shape)
+        self.output_size = output_size  # rows resized to it on read (`resize_rows`); None = stored
+        stored = data.row_shape
+        self.shape = (len(self.rows), *((output_size, output_size, 3) if output_size else stored))
         self.dtype = np.dtype(np.uint8)
         self.ndim = len(self.shape)
 
@@ -147,18 +182,26 @@ class ImageRows:
             index = index.cpu().numpy()
         rows = self.rows[index]
         if np.ndim(rows) == 0:
-            return self.data.read(np.array([rows]))[0]
-        return self.data.read(rows)
+            return self._read(np.array([rows]))[0]
+        return self._read(rows)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        array = self.data.read(rows)
+        return resize_rows(array, self.output_size) if self.output_size else array
+
+    def stored(self) -> ImageRows:
+        """The same rows at the stored size (no resize on read)."""
+        return ImageRows(self.data, self.rows)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self.data.read(self.rows)
+        array = self._read(self.rows)
         return array if dtype is None else array.astype(dtype)
 
 
 def take_rows(images: np.ndarray | ImageRows, rows: np.ndarray) -> np.ndarray | ImageRows:
     """`images[rows]` for contiguous `rows`, still lazy for a store view (read batch by batch)."""
     if isinstance(images, ImageRows):
-        return ImageRows(images.data, images.rows[rows])
+        return ImageRows(images.data, images.rows[rows], images.output_size)
     if len(rows) == 0:
         return images[:0]
     return images[int(rows[0]) : int(rows[-1]) + 1]
@@ -173,15 +216,24 @@ class DecodedImages:
 
 
 class ImageStore:
-    """Decoded images of `items` at `image_size`; `cache_dir` None = decode in memory only."""
+    """Decoded images of `items` for a model input of `image_size`, stored at `store_size`
+    (INPUT.STORE_SIZE; 0 = `image_size`); `cache_dir` None = decode in memory only."""
 
     def __init__(
-        self, items: Sequence[Item], image_size: int, cache_dir: str | Path | None
+        self,
+        items: Sequence[Item],
+        image_size: int,
+        cache_dir: str | Path | None,
+        store_size: int = 0,
     ) -> None:
+        self.stored_size = check_store_size(store_size, image_size)  # before any decoding
         self.items = sorted({item.path: item for item in items}.values(), key=lambda i: i.path)
         self.image_size = image_size
         self.row_of = {item.path: row for row, item in enumerate(self.items)}
-        self.key = compute_image_key(self.items, image_size) if cache_dir else ""
+        self.key = compute_image_key(self.items, self.stored_size) if cache_dir else ""
+        # what the model sees: the rows themselves, or their deterministic resize to the input
+        native = self.stored_size != image_size
+        self.input_key = f"{self.key}|{VIEW_RECIPE}:{image_size}" if native else self.key
         self.rows = (
             RowStore(Path(cache_dir) / "images", self.key, len(self.items), np.uint8)
             if cache_dir and self.items
@@ -199,21 +251,32 @@ class ImageStore:
         chunks = [todo[start : start + CHUNK_ROWS] for start in range(0, len(todo), CHUNK_ROWS)]
         self.rows.fill(
             chunks,
-            lambda chunk: decode_paths([self.items[r].path for r in chunk], self.image_size),
+            lambda chunk: decode_paths([self.items[r].path for r in chunk], self.stored_size),
         )
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), S, S, 3) uint8 of stored rows, decoding missing ones first."""
+    def read(self, rows: np.ndarray, stored: bool = False) -> np.ndarray:
+        """(len(rows), S, S, 3) uint8 at the model input (or `stored` size), decoding missing
+        rows first."""
         self.ensure(rows)
-        return self.rows.read(rows)
+        array = self.rows.read(rows)
+        return array if stored else resize_rows(array, self.image_size)
 
     def load(
-        self, items: Sequence[Item], skip_unreadable: bool = False, in_memory: bool = False
+        self,
+        items: Sequence[Item],
+        skip_unreadable: bool = False,
+        in_memory: bool = False,
+        stored: bool | None = None,
     ) -> DecodedImages:
         """Images of `items` (which must be in the store); unreadable ones raise `ImageError`
-        naming the file, or are dropped when `skip_unreadable` (see `kept`)."""
+        naming the file, or are dropped when `skip_unreadable` (see `kept`). `stored` (default:
+        `in_memory`, the training set that is cropped from) keeps the stored size; otherwise the
+        images are the deterministic model-input view."""
+        stored = in_memory if stored is None else stored
+        size = None if stored or self.stored_size == self.image_size else self.image_size
         if self.rows is None:
-            images, kept = decode_items(items, self.image_size, skip_unreadable)
+            images, kept = decode_items(items, self.stored_size, skip_unreadable)
+            images = images if size is None else resize_rows(images, size)
             return DecodedImages(images, kept, None, None)
         missing = [item.path for item in items if item.path not in self.row_of]
         if missing:
@@ -224,7 +287,11 @@ class ImageStore:
         _raise_unreadable(items, states != FAILED, skip_unreadable)
         kept = np.flatnonzero(states == FILLED)
         rows = rows[kept]
-        images = self.rows.read(rows) if in_memory else ImageRows(self.rows, rows)
+        if in_memory:
+            images = self.rows.read(rows)
+            images = images if size is None else resize_rows(images, size)
+        else:
+            images = ImageRows(self.rows, rows, size)
         return DecodedImages(images, kept.tolist(), rows, self)
 
 
@@ -328,43 +395,3 @@ def hold_training_images(
     if tensor.numel() <= device_limit_mb * 2**20:
         return tensor.to(device)
     return tensor.pin_memory()
-
-
-CROP_INTERPOLATIONS = ("bilinear", "bicubic")  # INPUT.CROP_INTERPOLATION
-
-
-def augment_batch(
-    images: torch.Tensor,
-    generator: torch.Generator,
-    scale: Sequence[float] = (0.5, 1.0),
-    interpolation: str = "bilinear",
-) -> torch.Tensor:
-    """Random resized crop (area in `scale`, aspect 3/4..4/3) and horizontal flip, batched.
-
-    images: (B, 3, H, W) float. The crops are done as one batched affine grid sample, so the
-    cost does not grow with a per-sample Python loop over pixels; `interpolation` is its
-    resampling ("bicubic" = torchvision's InterpolationMode.BICUBIC, as CLIP-LoRA trains).
-    """
-    if interpolation not in CROP_INTERPOLATIONS:
-        raise ValueError(
-            f"INPUT.CROP_INTERPOLATION {interpolation!r} is not one of "
-            f"{', '.join(CROP_INTERPOLATIONS)}"
-        )
-    batch = images.shape[0]
-    area = torch.empty(batch).uniform_(scale[0], scale[1], generator=generator)
-    log_ratio = torch.empty(batch).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator)
-    ratio = log_ratio.exp()
-    width = (area * ratio).sqrt().clamp(max=1.0)
-    height = (area / ratio).sqrt().clamp(max=1.0)
-    center_x = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - width)
-    center_y = (torch.rand(batch, generator=generator) * 2 - 1) * (1 - height)
-    flip = torch.where(torch.rand(batch, generator=generator) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(batch, 2, 3)
-    theta[:, 0, 0] = width * flip
-    theta[:, 0, 2] = center_x
-    theta[:, 1, 1] = height
-    theta[:, 1, 2] = center_y
-    grid = F.affine_grid(theta.to(images), list(images.shape), align_corners=False)
-    return F.grid_sample(
-        images, grid, mode=interpolation, padding_mode="reflection", align_corners=False
-    )

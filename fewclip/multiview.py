@@ -1,70 +1,136 @@
-"""Multi-view inference (AMLPF-CLIP): logits averaged over fixed crops and the full image.
+"""Multi-view logits (AMLPF-CLIP): windows at the image's own resolution plus the full image.
 
-logits = (mean_j L(crop_j) + L(full)) / 2, with the crops at deterministic positions (a regular
-grid over the image), each resized back to the model's input size.
+The released code (Xizhang-Yao/AMLPF-CLIP, main.py:125-166, utils.py:19-58) upscales an image
+whose short side is below 512 so that it is 512 (bilinear; larger images stay as they are),
+unfolds it into 224 x 224 windows with stride 32 (48 when either side is at least 1024), keeps 8
+of them (random with replacement in training, every floor(n / 8)-th at test) plus the whole
+image resized to 224 x 224, and scores logits = (mean over windows + full) / 2 (models.py:145-150,
+174-180), in training and at test, the teacher on the same views (models.py:183-185).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+MULTIVIEW_MODES = ("source", "test_only", "off")
+
 
 def multiview_config_node() -> CfgNode:
-    """The MULTIVIEW node of a trainer that offers multi-view inference."""
+    """The MULTIVIEW node of a trainer that scores windows and the full image."""
     node = CfgNode()
-    node.CROPS = 0  # number of crops averaged with the full image at evaluation; 0 = off
-    node.CROP_FRACTION = 0.5  # crop side as a fraction of the image side
+    node.MODE = "source"  # source (training and test views) | test_only | off (one view)
+    node.WINDOWS = 8  # windows averaged, then with the full image (the source's num_patch)
+    node.WINDOW_SIZE = 0  # window side in stored pixels; 0 = the model input (the source: 224)
+    node.MIN_SIDE = 512  # a shorter image side is first upscaled to this (AdaptiveResize(512))
+    node.STRIDE = 32  # window stride
+    node.LARGE_STRIDE = 48  # stride when either side is >= LARGE_SIDE
+    node.LARGE_SIDE = 1024
     return node
 
 
-def compute_crop_boxes(size: int, num_crops: int, fraction: float) -> list[tuple[int, int, int]]:
-    """(top, left, side) of `num_crops` square crops of side round(fraction * size).
+def check_multiview_node(node: CfgNode, key: str) -> None:
+    """One-line errors naming the key and the choices or the bound."""
+    if node.MODE not in MULTIVIEW_MODES:
+        raise ValueError(f"{key}.MODE {node.MODE!r} is not one of {', '.join(MULTIVIEW_MODES)}")
+    for name in ("WINDOWS", "MIN_SIDE", "STRIDE", "LARGE_STRIDE", "LARGE_SIDE"):
+        if int(node[name]) < 1:
+            raise ValueError(f"{key}.{name} must be >= 1 (got {node[name]})")
 
-    The crops are taken from a k x k grid of evenly spaced positions (k = ceil(sqrt(n))),
-    choosing n grid cells evenly in row-major order: n = 1 is the centre crop, n = 4 the four
-    corners, n = 5 the corners and the centre.
+
+def compute_upscaled_size(height: int, width: int, min_side: int) -> tuple[int, int]:
+    """(H', W') after the source's AdaptiveResize(min_side) (utils.py:49-58, torchvision Resize
+    of the short side): unchanged when both sides are >= min_side."""
+    if height >= min_side and width >= min_side:
+        return height, width
+    if height <= width:
+        return min_side, int(min_side * width / height)
+    return int(min_side * height / width), min_side
+
+
+def compute_window_boxes(
+    height: int, width: int, window: int, stride: int, large_stride: int, large_side: int
+) -> list[tuple[int, int]]:
+    """(top, left) of every window of side `window`, row-major, as the source's
+    `unfold(2, k, step).unfold(3, k, step)` (main.py:138-146): step = large_stride when
+    height or width >= large_side, else stride; positions 0, step, ... while the window fits."""
+    if height < window or width < window:
+        raise ValueError(f"image {height} x {width} is smaller than the {window}-pixel window")
+    step = large_stride if height >= large_side or width >= large_side else stride
+    return [
+        (top, left)
+        for top in range(0, height - window + 1, step)
+        for left in range(0, width - window + 1, step)
+    ]
+
+
+def select_windows(
+    count: int, num_windows: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(num_windows,) window indices: with a generator (training) uniform with replacement
+    (main.py:156), without (test) i * floor(count / num_windows) (main.py:149-154)."""
+    if count < num_windows:  # the source asserts the same (main.py:148)
+        raise ValueError(f"{count} windows fit in the image, fewer than the {num_windows} asked")
+    if generator is not None:
+        return torch.randint(0, count, (num_windows,), generator=generator)
+    return torch.arange(num_windows) * (count // num_windows)
+
+
+def build_views(
+    images: torch.Tensor, node: CfgNode, input_size: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, 3, H, W) normalised images -> (B, V + 1, 3, s, s): V windows, then the full image.
+
+    s = `input_size`. Each image draws its own windows in training (`generator`); at test all
+    take the same fixed ones. Upscaling and the full view are bilinear, as the source's
+    (utils.py:56 Resize, main.py:163 F.interpolate).
     """
-    if num_crops < 1 or not 0 < fraction <= 1:
-        raise ValueError(
-            f"multi-view needs CROPS >= 1 and 0 < CROP_FRACTION <= 1 (got {num_crops}, {fraction})"
+    height, width = compute_upscaled_size(*images.shape[-2:], int(node.MIN_SIDE))
+    if (height, width) != tuple(images.shape[-2:]):
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    window = int(node.WINDOW_SIZE) or input_size
+    boxes = compute_window_boxes(
+        height, width, window, int(node.STRIDE), int(node.LARGE_STRIDE), int(node.LARGE_SIDE)
+    )
+    count, batch = len(boxes), images.shape[0]
+    fixed = None if generator is not None else select_windows(count, int(node.WINDOWS))
+    views = []
+    for index in range(batch):
+        chosen = fixed if fixed is not None else select_windows(count, node.WINDOWS, generator)
+        for box in chosen.tolist():
+            top, left = boxes[box]
+            views.append(images[index, :, top : top + window, left : left + window])
+    windows = torch.stack(views).view(batch, int(node.WINDOWS), -1, window, window)
+    if window != input_size:
+        flat = F.interpolate(
+            windows.flatten(0, 1), size=(input_size,) * 2, mode="bilinear", align_corners=False
         )
-    side = max(1, round(fraction * size))
-    grid = math.ceil(math.sqrt(num_crops))
-    if grid == 1:
-        offsets = [(size - side) // 2]
-    else:
-        offsets = [round(value) for value in np.linspace(0, size - side, grid)]
-    cells = [(top, left) for top in offsets for left in offsets]
-    chosen = np.round(np.linspace(0, len(cells) - 1, num_crops)).astype(int)
-    return [(*cells[index], side) for index in chosen]
+        windows = flat.view(batch, int(node.WINDOWS), -1, input_size, input_size)
+    full = F.interpolate(images, size=(input_size,) * 2, mode="bilinear", align_corners=False)
+    return torch.cat([windows, full[:, None]], dim=1)
+
+
+def combine_view_logits(view_logits: torch.Tensor) -> torch.Tensor:
+    """(B, V + 1, C) -> (B, C) = (mean over the V windows + the full image's) / 2
+    (models.py:31, 145-150)."""
+    return (view_logits[:, :-1].mean(dim=1) + view_logits[:, -1]) / 2
 
 
 def compute_multiview_logits(
-    compute_logits: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
-    num_crops: int,
-    fraction: float,
+    compute_logits: Callable[[torch.Tensor], torch.Tensor], views: torch.Tensor
 ) -> torch.Tensor:
-    """(B, C) logits (mean over crops + full image) / 2 for square normalised images (B, 3, S, S).
+    """(B, C) combined logits of (B, V + 1, 3, s, s) views, one forward over all B (V + 1)."""
+    batch, count = views.shape[:2]
+    logits = compute_logits(views.flatten(0, 1))
+    return combine_view_logits(logits.view(batch, count, -1))
 
-    One forward per crop (memory stays that of one batch).
-    """
-    size = images.shape[-1]
-    crop_logits = [
-        compute_logits(
-            F.interpolate(
-                images[:, :, top : top + side, left : left + side],
-                size=(size, size),
-                mode="bilinear",
-                align_corners=False,
-            )
-        )
-        for top, left, side in compute_crop_boxes(size, num_crops, fraction)
-    ]
-    return (torch.stack(crop_logits).mean(dim=0) + compute_logits(images)) / 2
+
+def resize_to_input(images: torch.Tensor, input_size: int) -> torch.Tensor:
+    """Deterministic single view of a stored image at the model input (bicubic, antialiased)."""
+    if tuple(images.shape[-2:]) == (input_size, input_size):
+        return images
+    size = (input_size, input_size)
+    return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import yaml
 
-LEVELS = ("label", "short", "description")
+LEVELS = ("label", "short", "description")  # the keys of a class entry in a prompt file
+# Levels a trainer may ask for: the file's, plus "word", the bare label text without a template
+# (AMLPF-CLIP's level 1 is the class word alone, models.py:68 `text_only_label`).
+TEXT_LEVELS = (*LEVELS, "word")
 
 DEFAULT_TEMPLATES = [
     "a photo of {}.",
@@ -44,10 +47,13 @@ class PromptSet:
         """Texts per class, in class order.
 
         "label": every template formatted with the class label (the prompt ensemble);
-        "short" / "description": a one-element list with that class's text.
+        "word": the label text alone; "short" / "description": that class's one text.
         """
-        if level not in LEVELS:
-            raise PromptError(f"unknown prompt level {level!r}; choose one of {', '.join(LEVELS)}")
+        if level not in TEXT_LEVELS:
+            choices = ", ".join(TEXT_LEVELS)
+            raise PromptError(f"unknown prompt level {level!r}; choose one of {choices}")
+        if level == "word":
+            return [[entry["label"]] for entry in self.classes.values()]
         if level == "label":
             return [
                 [t.format(entry["label"]) for t in self.templates]

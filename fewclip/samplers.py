@@ -38,27 +38,81 @@ class UniformSampler(SamplerBase):
 
 
 # ----- class-balanced resampling (AMLPF-CLIP) ---------------------------------------------------
-DIFFICULTY_DEFAULTS = {"GAMMA": 2.0, "SMOOTHING": 0.1, "FLOOR": 0.01}  # when a node lacks them
+# Our class-balanced variant (defaults of add_sampler_keys); AMLPF's paper recipe switches the
+# extras off (SOURCE_DIFFICULTY): the released code's draw (AMLPF-CLIP main.py:384-407).
+DIFFICULTY_DEFAULTS = {
+    "GAMMA": 2.0,
+    "SMOOTHING": 0.1,
+    "FLOOR": 0.01,
+    "INVERSE_FREQUENCY": True,
+    "ESTIMATE": "latest",
+}
+SOURCE_DIFFICULTY = {
+    "SMOOTHING": 0.0,
+    "FLOOR": 0.0,
+    "INVERSE_FREQUENCY": False,
+    "ESTIMATE": "source",
+}
+DIFFICULTY_ESTIMATES = ("latest", "source")
 
 
-def add_sampler_keys(node: CfgNode, sampler: str = "uniform") -> CfgNode:
-    """Add SAMPLER and the difficulty sampler's keys to a trainer's config node."""
-    gamma, smoothing, floor = DIFFICULTY_DEFAULTS.values()
+def add_sampler_keys(node: CfgNode, sampler: str = "uniform", **overrides) -> CfgNode:
+    """Add SAMPLER and the difficulty sampler's keys to a trainer's config node (`overrides`,
+    e.g. `**SOURCE_DIFFICULTY`, replace defaults by key without the DIFFICULTY_ prefix)."""
+    value = {**DIFFICULTY_DEFAULTS, **overrides}
     node.SAMPLER = sampler  # registered sampler: uniform, inverse_frequency, difficulty
-    node.DIFFICULTY_GAMMA = gamma  # gamma of the class difficulty mean (1 - p_true)^gamma
-    node.DIFFICULTY_SMOOTHING = smoothing  # share of the class draw kept uniform over classes
-    node.DIFFICULTY_FLOOR = floor  # lowest class difficulty before normalising
+    node.DIFFICULTY_GAMMA = value["GAMMA"]  # gamma of the class difficulty mean (1 - p_true)^gamma
+    node.DIFFICULTY_SMOOTHING = value["SMOOTHING"]  # share of the class draw uniform over classes
+    node.DIFFICULTY_FLOOR = value["FLOOR"]  # lowest class difficulty before normalising
+    node.DIFFICULTY_INVERSE_FREQUENCY = value["INVERSE_FREQUENCY"]  # class mass / n_c per sample
+    node.DIFFICULTY_ESTIMATE = value["ESTIMATE"]  # "latest" p per image | "source" last epoch draws
     return node
 
 
-def compute_sample_probabilities(labels: np.ndarray, class_probabilities: np.ndarray) -> np.ndarray:
-    """Per-sample draw probabilities (N,) giving class c the total mass `class_probabilities[c]`.
+def check_sampler_node(node: CfgNode, key: str) -> None:
+    """Build-time check of a node made by `add_sampler_keys`: one line naming key and choices."""
+    if node.SAMPLER not in SAMPLERS:
+        raise ValueError(f"{key}.SAMPLER {node.SAMPLER!r} is not one of {', '.join(SAMPLERS)}")
+    if node.DIFFICULTY_ESTIMATE not in DIFFICULTY_ESTIMATES:
+        raise ValueError(
+            f"{key}.DIFFICULTY_ESTIMATE {node.DIFFICULTY_ESTIMATE!r} is not one of "
+            f"{', '.join(DIFFICULTY_ESTIMATES)}"
+        )
+    compute_difficulty_class_probabilities(
+        np.ones(1), np.ones(1, bool), node.DIFFICULTY_SMOOTHING, node.DIFFICULTY_FLOOR
+    )
 
-    p_i = q_{y_i} / n_{y_i} (inverse frequency within the class), so the draw is class-balanced
-    whatever the class sizes. Classes without samples must have q_c = 0.
+
+def compute_sample_probabilities(
+    labels: np.ndarray, class_probabilities: np.ndarray, inverse_frequency: bool = True
+) -> np.ndarray:
+    """Per-sample draw probabilities (N,) from class probabilities q (C,).
+
+    inverse_frequency: p_i = q_{y_i} / n_{y_i}, so class c gets mass q_c whatever its size
+    (class-balanced). Off (the source, main.py:405-406: WeightedRandomSampler over
+    class_weights[labels]): p_i = q_{y_i} / sum_j q_{y_j}, so class c gets mass prop. n_c q_c.
+    Classes without samples must have q_c = 0.
     """
+    if not inverse_frequency:
+        weights = class_probabilities[labels].astype(np.float64)
+        return weights / weights.sum()
     counts = np.bincount(labels, minlength=len(class_probabilities)).astype(np.float64)
     return class_probabilities[labels] / counts[labels]
+
+
+def compute_drawn_class_difficulty(
+    drawn_labels: np.ndarray,
+    drawn_probabilities: np.ndarray,
+    previous: np.ndarray,
+    gamma: float,
+) -> np.ndarray:
+    """The source's class weights (main.py:392-404): w_c = mean over the previous epoch's draws
+    of class c (repeats counted) of (1 - p_true)^gamma, p_true = exp(-CE). A class not drawn
+    keeps `previous[c]` (the source takes the mean of nothing: NaN). Returns (C,)."""
+    difficulty = np.power(1.0 - np.clip(drawn_probabilities, 0.0, 1.0), gamma)
+    sums = np.bincount(drawn_labels, difficulty, minlength=len(previous))
+    counts = np.bincount(drawn_labels, minlength=len(previous))
+    return np.where(counts > 0, sums / np.maximum(counts, 1), previous)
 
 
 def compute_class_difficulty(
@@ -108,8 +162,12 @@ class _WeightedSampler(SamplerBase):
         self.present = np.bincount(self.labels, minlength=self.num_classes) > 0
         self.class_probabilities = self.present / max(1, self.present.sum())
 
+    inverse_frequency = True
+
     def draw(self) -> np.ndarray:
-        weights = compute_sample_probabilities(self.labels, self.class_probabilities)
+        weights = compute_sample_probabilities(
+            self.labels, self.class_probabilities, self.inverse_frequency
+        )
         drawn = torch.multinomial(
             torch.as_tensor(weights), len(self.labels), replacement=True, generator=self.generator
         )
@@ -122,9 +180,9 @@ class _WeightedSampler(SamplerBase):
         return {"class_probabilities": [round(float(q), 6) for q in self.class_probabilities]}
 
 
-def _setting(cfg: CfgNode | None, key: str) -> float:
+def _setting(cfg: CfgNode | None, key: str):
     value = cfg.get(f"DIFFICULTY_{key}") if cfg is not None else None
-    return float(DIFFICULTY_DEFAULTS[key] if value is None else value)
+    return DIFFICULTY_DEFAULTS[key] if value is None else value
 
 
 @SAMPLERS.register("inverse_frequency")
@@ -134,12 +192,15 @@ class InverseFrequencySampler(_WeightedSampler):
 
 @SAMPLERS.register("difficulty")
 class DifficultySampler(_WeightedSampler):
-    """Difficulty-aware class-balanced resampling (AMLPF-CLIP).
+    """Difficulty-aware resampling (AMLPF-CLIP, main.py:384-407).
 
-    Epoch 1 is a uniform permutation (every image once, so each has a p_true). Afterwards each
-    epoch draws with replacement with class probabilities from `compute_difficulty_class_
-    probabilities` over `compute_class_difficulty` of each sample's latest p_true (from the
-    previous epoch, or earlier for a sample not drawn then), and inverse frequency within a class.
+    Each epoch draws len(labels) indices with replacement from class probabilities
+    `compute_difficulty_class_probabilities` of the class difficulties (SMOOTHING, FLOOR) and
+    per-sample probabilities `compute_sample_probabilities` (INVERSE_FREQUENCY). ESTIMATE
+    "source": epoch 1 draws from uniform class weights, later epochs take the class means over
+    the previous epoch's draws (`compute_drawn_class_difficulty`), as the released code.
+    "latest": epoch 1 is a permutation (every image gets a p_true), later epochs use each
+    image's latest p_true (`compute_class_difficulty`).
     """
 
     needs_feedback = True
@@ -147,20 +208,33 @@ class DifficultySampler(_WeightedSampler):
     def __init__(self, labels: np.ndarray, generator: torch.Generator, cfg: CfgNode | None) -> None:
         super().__init__(labels, generator, cfg)
         self.true_class_probabilities = np.full(len(self.labels), np.nan)
-        self.gamma = _setting(cfg, "GAMMA")
-        self.smoothing = _setting(cfg, "SMOOTHING")
-        self.floor = _setting(cfg, "FLOOR")
+        self.gamma = float(_setting(cfg, "GAMMA"))
+        self.smoothing = float(_setting(cfg, "SMOOTHING"))
+        self.floor = float(_setting(cfg, "FLOOR"))
+        self.inverse_frequency = bool(_setting(cfg, "INVERSE_FREQUENCY"))
+        self.estimate = str(_setting(cfg, "ESTIMATE"))
         self.class_difficulty = np.ones(self.num_classes)
+        self.drawn: list[np.ndarray] = []  # (index, p_true) rows since the last epoch began
 
     def update(self, indices: np.ndarray, true_class_probabilities: np.ndarray) -> None:
         self.true_class_probabilities[np.asarray(indices)] = true_class_probabilities
+        self.drawn.append(np.stack([np.asarray(indices, np.float64), true_class_probabilities]))
 
     def epoch_indices(self) -> np.ndarray:
         if np.isnan(self.true_class_probabilities).all():
+            if self.estimate == "source":
+                return self.draw()  # uniform class weights (main.py:390-391)
             return SamplerBase.epoch_indices(self)  # uniform permutation
-        self.class_difficulty = compute_class_difficulty(
-            self.labels, self.true_class_probabilities, self.num_classes, self.gamma
-        )
+        if self.estimate == "source":
+            drawn = np.concatenate(self.drawn, axis=1) if self.drawn else np.zeros((2, 0))
+            self.drawn = []
+            self.class_difficulty = compute_drawn_class_difficulty(
+                self.labels[drawn[0].astype(np.int64)], drawn[1], self.class_difficulty, self.gamma
+            )
+        else:
+            self.class_difficulty = compute_class_difficulty(
+                self.labels, self.true_class_probabilities, self.num_classes, self.gamma
+            )
         self.class_probabilities = compute_difficulty_class_probabilities(
             self.class_difficulty, self.present, self.smoothing, self.floor
         )

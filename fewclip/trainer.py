@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from fewclip import distributed, hooks
+from fewclip.augment import augment_batch
 from fewclip.backbones import ClipBundle
 from fewclip.data import Item
 from fewclip.features import (
@@ -34,7 +35,6 @@ from fewclip.features import (
     resolve_precision,
 )
 from fewclip.images import (
-    augment_batch,
     hold_training_images,
     iterate_image_batches,
     take_rows,

@@ -316,3 +316,64 @@ def test_cached_run_and_uncached_run_give_identical_metrics(tmp_path):
         assert cached["timings"]["decoding_seconds"] == 0.0  # nothing decoded again
         assert fresh["timings"]["decoding_seconds"] > 0.0
         assert cached["metrics"] == fresh["metrics"]
+
+
+def write_wide_image(path: Path, seed: int, height: int, width: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path)
+    return path
+
+
+def test_store_size_keeps_the_larger_centre_square_and_evaluation_is_its_fixed_resize(tmp_path):
+    paths = [write_wide_image(tmp_path / f"w{i}.png", i, 30, 40) for i in range(3)]
+    items = [Item(str(p), i % 2, "c") for i, p in enumerate(paths)]
+    small = ImageStore(items, 8, tmp_path / "cache")  # STORE_SIZE 0: today's 8-px centre crop
+    native = ImageStore(items, 8, tmp_path / "cache", store_size=24)
+    assert native.key != small.key and native.input_key != native.key
+    assert ImageStore(items, 8, tmp_path / "cache", 8).key == small.key  # same pixels, same key
+    assert ImageStore(items, 8, tmp_path / "cache", 20).key not in (small.key, native.key)
+    training = native.load(items, in_memory=True).images  # what random crops are cut from
+    assert training.shape == (3, 24, 24, 3)
+    with Image.open(paths[0]) as image:  # short side 30 -> 24, centre 24 x 24 of 24 x 32
+        expected = np.asarray(
+            image.convert("RGB").resize((32, 24), Image.Resampling.BICUBIC).crop((4, 0, 28, 24))
+        )
+    np.testing.assert_array_equal(training[0], expected)
+    evaluation = native.load(items).images
+    assert evaluation.shape == (3, 8, 8, 3)
+    first, second = np.asarray(evaluation), np.asarray(native.load(items).images)
+    np.testing.assert_array_equal(first, second)  # deterministic
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(training).permute(0, 3, 1, 2).float(), size=(8, 8), mode="bicubic",
+        antialias=True,
+    ).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()  # fmt: skip
+    np.testing.assert_array_equal(first, resized)
+    np.testing.assert_array_equal(native.read(np.arange(3)), resized)  # what encoders see
+    np.testing.assert_array_equal(np.asarray(evaluation.stored()), training)
+    np.testing.assert_array_equal(np.asarray(small.load(items).images), decode_items(items, 8)[0])
+
+
+def test_store_size_below_the_input_fails_before_decoding(tmp_path, monkeypatch):
+    from fewclip.config import ConfigError
+
+    items = make_items(tmp_path / "data", 2)
+    monkeypatch.setattr(images_module, "decode_paths", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ConfigError, match="INPUT.STORE_SIZE 6 is smaller than the model input 8"):
+        ImageStore(items, 8, tmp_path / "cache", store_size=6)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_frozen_features_are_keyed_by_the_store_size(tmp_path):
+    items = make_items(tmp_path / "data", 4)
+    seen = []
+
+    def encode(images) -> torch.Tensor:
+        array = np.asarray(images, dtype=np.float32)
+        seen.append(array.shape[1:])
+        return torch.from_numpy(array.reshape(len(array), -1)[:, :4].copy())
+
+    for size in (0, 16):
+        store = ImageStore(items, 8, tmp_path / "cache", store_size=size)
+        load_image_features(image_set(store, items), encode, "enc", 4, tmp_path / "cache")
+    assert seen == [(8, 8, 3), (8, 8, 3)]  # encoded twice (two keys), always at the input size
+    assert len(list((tmp_path / "cache" / "features").glob("*.lock"))) == 2

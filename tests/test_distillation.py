@@ -183,4 +183,4 @@ def test_students_distil_from_a_vit_teacher_run(teacher_run, tmp_path, trainer, 
     assert results["status"] == "complete", results.get("error")
     distillation = results["training"]["distillation"]
     assert distillation["source"] == str(run_dir)
-    assert distillation["loss"] == ("kl" if extra else "l2_prob")
+    assert distillation["loss"] == ("kl" if extra else "source_frobenius")  # AMLPF: the source

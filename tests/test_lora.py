@@ -15,9 +15,9 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fewclip.augment import augment_batch
 from fewclip.backbones import build_clip
 from fewclip.config import ConfigError, build_config, get_cfg_defaults
-from fewclip.images import augment_batch
 from fewclip.lora import (
     apply_lora,
     compute_lora_scaling,

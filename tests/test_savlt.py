@@ -16,10 +16,10 @@ import torch
 from conftest import write_oct_tree
 from PIL import Image
 
+from fewclip.augment import augment_batch
 from fewclip.config import build_config
 from fewclip.data import Item
 from fewclip.evaluation import validation_score
-from fewclip.images import augment_batch
 from fewclip.pooling import ChannelGroupPooling, StructurePooling, compute_box_region
 from fewclip.prompts import load_prompt_file
 from fewclip.run import execute_run, load_clip

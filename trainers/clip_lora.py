@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+from fewclip.augment import CROP_INTERPOLATIONS, augment_batch
 from fewclip.data import Item
 from fewclip.distillation import build_distiller, distill_config_node
 from fewclip.features import cached_text_features, compute_text_features
-from fewclip.images import CROP_INTERPOLATIONS, augment_batch
 from fewclip.lora import apply_lora
 from fewclip.registry import TRAINERS
 from fewclip.samplers import add_sampler_keys

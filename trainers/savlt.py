@@ -25,8 +25,8 @@ from fewclip.alignment import (
     compute_dual_alignment_loss,
     compute_dual_alignment_mixture,
 )
+from fewclip.augment import augment_batch
 from fewclip.data import Item
-from fewclip.images import augment_batch
 from fewclip.lora import apply_lora
 from fewclip.pooling import (
     ROI_RULES,
