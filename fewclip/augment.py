@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CROP_INTERPOLATIONS = ("bilinear", "bicubic")  # INPUT.CROP_INTERPOLATION
+from fewclip.config import CHOICES
+
+CROP_INTERPOLATIONS = CHOICES["INPUT.CROP_INTERPOLATION"]
 
 
 def augment_batch(

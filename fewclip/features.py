@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from yacs.config import CfgNode
 
-from fewclip.images import ImageRows, iterate_image_batches, to_model_input
+from fewclip.images import ImageRows, iterate_image_batches, resize_rows, to_model_input
 from fewclip.stores import FILLED, RowStore
 
 _TEXT_FEATURES: dict[str, torch.Tensor] = {}  # this process's text features, by cache key
@@ -165,7 +165,10 @@ def load_image_features(
     """
     store, rows = getattr(data, "store", None), getattr(data, "rows", None)
     if not cache_dir or store is None or rows is None or store.rows is None:
-        return encode_images(data.images)
+        images = data.images  # an in-memory training set is at the stored size: view it
+        if store is not None and images.shape[1] != store.image_size:
+            images = resize_rows(np.asarray(images), store.image_size)
+        return encode_images(images)
     features = RowStore(
         Path(cache_dir) / "features",
         # input_key: the stored pixels and, when STORE_SIZE > input, their resize to the input

@@ -99,12 +99,14 @@ def compute_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> f
 
 
 class LearningRateHook(Hook):
-    """OPTIM.LR with OPTIM.WARMUP_ITERS linear warm-up, then cosine down to OPTIM.MIN_LR."""
+    """OPTIM.LR with a linear warm-up (OPTIM.WARMUP_ITERS steps, or OPTIM.WARMUP_FRACTION of
+    all steps), then cosine down to OPTIM.MIN_LR."""
 
     def before_step(self, ctx: FitContext) -> None:
         optim = ctx.trainer.cfg.OPTIM
         min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
-        factor = compute_lr_factor(ctx.step, ctx.total, optim.WARMUP_ITERS, min_ratio)
+        warmup = optim.WARMUP_ITERS or round(optim.WARMUP_FRACTION * ctx.total)
+        factor = compute_lr_factor(ctx.step, ctx.total, warmup, min_ratio)
         for group in ctx.optimizer.param_groups:
             group["lr"] = optim.LR * factor
 

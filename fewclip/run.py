@@ -83,7 +83,7 @@ def build_image_set(
 ) -> ImageSet:
     """Decoded images of `items` from the shared store (dropping unreadable ones if configured):
     a view of the memory map, or (`in_memory`, for the small training set) a copy in memory."""
-    store = store or ImageStore(items, image_size, cfg.CACHE_DIR or None)
+    store = store or ImageStore(items, image_size, cfg.CACHE_DIR or None, cfg.INPUT.STORE_SIZE)
     decoded = store.load(items, cfg.DATASET.SKIP_UNREADABLE, in_memory)
     kept_items = [items[i] for i in decoded.kept]
     return ImageSet(
@@ -190,7 +190,10 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
         used = [*split.train, *split.val, *split.test, *sum(split.targets.values(), [])]
         # one store for every image this sweep's splits can touch: decoded once, by any cell
         store = ImageStore(
-            compute_store_items(dataset.items, used), bundle.image_size, cfg.CACHE_DIR or None
+            compute_store_items(dataset.items, used),
+            bundle.image_size,
+            cfg.CACHE_DIR or None,
+            cfg.INPUT.STORE_SIZE,  # training crops and multi-view windows are cut from these
         )
         train = build_image_set(split.train, bundle.image_size, cfg, store, in_memory=True)
         val = build_image_set(split.val, bundle.image_size, cfg, store) if split.val else None

@@ -40,6 +40,7 @@ from fewclip.images import (
     take_rows,
     to_model_input,
 )
+from fewclip.multiview import resize_to_input
 from fewclip.registry import SAMPLERS
 from fewclip.training_state import BatchStream
 
@@ -90,6 +91,9 @@ class TrainerBase(abc.ABC):
 
     trains = True  # False for methods with nothing to train (zero-shot)
     frozen_image_encoder = False  # True when image features can be cached across runs
+    # True when compute_losses / compute_logits take images at INPUT.STORE_SIZE (multi-view
+    # windows); otherwise the loop and evaluation hand them images at the model input size
+    takes_stored_images = False
     # Regexes over `self.network` parameter names: the only parameters this method may train
     # (the registry-wide tests hold every trainer to its declaration).
     trainable_patterns: tuple[str, ...] = ()
@@ -149,7 +153,21 @@ class TrainerBase(abc.ABC):
     def augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
         """Training augmentation of a batch (B, 3, H, W); methods with per-image maps (ROI
         masks) override it to move the maps with the same crop."""
-        return augment_batch(images, self.generator, self.cfg.INPUT.CROP_SCALE)
+        return augment_batch(
+            images,
+            self.generator,
+            self.cfg.INPUT.CROP_SCALE,
+            self.bundle.image_size,  # a crop of a larger stored image, sampled at the input size
+            self.cfg.INPUT.CROP_INTERPOLATION,
+        )
+
+    def model_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images at the model input size: a stored image larger than the input
+        (INPUT.STORE_SIZE) is resized deterministically, unless the method takes stored-size
+        images itself (`takes_stored_images`, e.g. multi-view windows)."""
+        if self.takes_stored_images:
+            return images
+        return resize_to_input(images, self.bundle.image_size)
 
     def on_eval_start(self) -> None:
         """Before a round of evaluation batches (e.g. compute text features once)."""
@@ -263,6 +281,7 @@ class TrainerBase(abc.ABC):
             )
             if self.cfg.INPUT.AUGMENT == "crop_flip":
                 ctx.images = self.augment(ctx.images, ctx.indices)
+            ctx.images = self.model_input(ctx.images)
             ctx.labels = torch.as_tensor(train.labels[ctx.indices], device=self.device)
             for hook in loop_hooks:
                 hook.before_forward(ctx)
@@ -302,7 +321,8 @@ class TrainerBase(abc.ABC):
             batch_items = items[start : start + len(uint8_batch)] if len(items) else ()
             start += len(uint8_batch)
             with autocast_context(self.device, self.cfg.PRECISION):
-                logits = self.compute_logits(self.input_tensor(uint8_batch), batch_items)
+                batch = self.model_input(self.input_tensor(uint8_batch))
+                logits = self.compute_logits(batch, batch_items)
             outputs.append(logits.float().cpu())
         self.network.train(was_training)
         return torch.cat(outputs) if outputs else torch.zeros(0, len(self.class_names))

@@ -165,7 +165,7 @@ def test_paper_recipe_trains_the_visual_tower_text_projection_and_adapter():
     optim = recipe.OPTIM  # the source's AdamW, cosine, 60 epochs, best-validation checkpoint
     assert (recipe.EVAL.SELECT, recipe.EVAL.VAL_EVERY) == ("best_val", 1)
     assert (optim.LR, optim.WEIGHT_DECAY, optim.MIN_LR, optim.BATCH_SIZE) == (2e-5, 0.05, 1e-8, 64)
-    assert (optim.MAX_ITERS, optim.WARMUP_ITERS) == (60, 24)
+    assert (optim.MAX_ITERS, optim.WARMUP_ITERS, optim.WARMUP_FRACTION) == (60, 0, 0.4)
     named = trainer.trainable_named_parameters()
     ids = [id(p) for group in build_param_groups(named, 1e-4) for p in group["params"]]
     assert len(ids) == len(set(ids)) == len(named)

@@ -359,11 +359,12 @@ def test_training_crops_are_the_recipe_scale_and_bicubic():
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     state = trainer.generator.get_state()
     cropped = trainer.augment(images, None)
+    size = trainer.bundle.image_size  # crops are sampled at the model input
     expected = augment_batch(
-        images, torch.Generator().set_state(state), (0.08, 1.0), interpolation="bicubic"
+        images, torch.Generator().set_state(state), (0.08, 1.0), size, "bicubic"
     )
     torch.testing.assert_close(cropped, expected)
-    bilinear = augment_batch(images, torch.Generator().set_state(state), (0.08, 1.0))
+    bilinear = augment_batch(images, torch.Generator().set_state(state), (0.08, 1.0), size)
     assert (bilinear - cropped).abs().max() > 1e-3
     with pytest.raises(ValueError, match="INPUT.CROP_INTERPOLATION 'area'.*bilinear, bicubic"):
         augment_batch(images, torch.Generator(), interpolation="area")

@@ -29,6 +29,10 @@ class InterruptedCLIPLoRA(CLIPLoRA):
 
     interrupt_at = 5
 
+    @classmethod
+    def config_key(cls) -> str:
+        return "CLIPLORA"  # the clip_lora.yaml recipe's node
+
     def compute_losses(self, images, labels, indices):
         self.calls = getattr(self, "calls", 0) + 1
         if self.calls == self.interrupt_at and (Path(self.cfg.OUTPUT_DIR) / "interrupt").exists():

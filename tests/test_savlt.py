@@ -218,7 +218,14 @@ def test_training_masks_move_with_the_random_crop(tmp_path, roi):
     assert torch.equal(trainer.batch_masks[0], expected)
     assert not torch.equal(trainer.batch_masks[0], trainer.train_masks[0])  # it did move
     trainer.generator.set_state(state)  # the images got the same crop as without masks
-    assert torch.equal(warped, augment_batch(marker, trainer.generator, (0.75, 1.0)))
+    expected = augment_batch(
+        marker,
+        trainer.generator,
+        (0.75, 1.0),
+        trainer.bundle.image_size,
+        trainer.cfg.INPUT.CROP_INTERPOLATION,
+    )
+    assert torch.equal(warped, expected)
     plain = make_trainer("INPUT.AUGMENT", "none")
     plain.fit(make_images(8, items=items), None)
     assert plain.batch_masks is None and plain.train_masks[1].all()

@@ -29,13 +29,13 @@ def recipe_for(trainer_name: str) -> Path:
     raise AssertionError(f"no recipe in configs/trainers/ for trainer {trainer_name}")
 
 
-def build_everything(trainer_name: str, opts: list[str]):
+def build_everything(trainer_name: str, opts: list[str], train_in_memory: bool = False):
     cfg = build_config(recipe_for(trainer_name), SYNTHETIC, opts)
     dataset = DATASETS.get(cfg.DATASET.NAME)(cfg)
     split = build_split(dataset, cfg)
     bundle = load_clip(cfg)
     trainer = TRAINERS.get(cfg.TRAINER.NAME)(cfg, bundle, dataset, torch.device("cpu"))
-    train = build_image_set(split.train, bundle.image_size, cfg)
+    train = build_image_set(split.train, bundle.image_size, cfg, in_memory=train_in_memory)
     val = build_image_set(split.val, bundle.image_size, cfg)
     test = build_image_set(split.test, bundle.image_size, cfg)
     return cfg, dataset, bundle, trainer, train, val, test

@@ -7,7 +7,7 @@ student scores 8 windows cut at the image's stored resolution plus the full imag
 (fewclip.multiview), in training and at test; the loss is CE + || softmax(student) -
 softmax(teacher) ||_F with the ViT teacher on the same views (models.py:183-185, main.py:418);
 the training draw is difficulty-aware resampling (fewclip.samplers, main.py:384-407).
-docs/methods/amlpf.md lists every item with its source line and our named options.
+docs/methods.md lists every item with its source line and our named options.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class AMLPF(TrainerBase):
     """Trainable: the whole visual encoder (STUDENT full) or its LoRA matrices (STUDENT lora),
     the fusion weights, and the logit scale unless LOGIT_SCALE is frozen."""
 
+    takes_stored_images = True  # windows are cut from the stored image (INPUT.STORE_SIZE)
     trainable_patterns = (r"^clip\.visual\.", r"^fusion\.weights$", r"^scale\.logit_scale$")
 
     @classmethod

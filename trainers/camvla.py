@@ -1,7 +1,7 @@
 """CaM-VLA: class-aware morphological vision-language alignment (cervical cytology).
 
 Follows the released code, leibabaya/CaM-VLA mgca/models/CaM_VLA/
-mgca_module_semantic_vf_structured.py (docs/methods/camvla.md lists every formula's line).
+mgca_module_semantic_vf_structured.py (docs/methods.md lists every formula's line).
 Text side: one class-level morphological description per class (the first text of PROMPT_LEVEL).
 Losses: N-to-1 matching CE(s * cos(v, t_c), y) against the class descriptions, plus the two
 class-aware contrastive terms of fewclip.contrastive (text-to-vision and vision-to-text, each a

@@ -2,7 +2,7 @@
 scaled cosine logits against the class text features; AdamW with a cosine schedule; iterations =
 ITERS_PER_SHOT x shots. Optional: class-balanced samplers and teacher distillation (DISTILL).
 
-Released code (MaxZanella/CLIP-LoRA, docs/methods/clip_lora.md): the class text is one template,
+Released code (MaxZanella/CLIP-LoRA, docs/methods.md): the class text is one template,
 "a photo of a {}.", filled with the class name (lora.py:94-95, datasets/*.py), the logits are
 100 * cos (main.py:22, lora.py:112), and training crops are RandomResizedCrop(scale 0.08-1,
 bicubic) + flip (main.py:38-43).
@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
-from fewclip.augment import CROP_INTERPOLATIONS, augment_batch
 from fewclip.data import Item
 from fewclip.distillation import build_distiller, distill_config_node
 from fewclip.features import cached_text_features, compute_text_features
@@ -74,11 +73,6 @@ class CLIPLoRA(TrainerBase):
                 f"TRAINER.CLIPLORA.CLASS_WORDS {node.CLASS_WORDS!r} is not one of "
                 f"{', '.join(CLASS_WORDS)}"
             )
-        if self.cfg.INPUT.CROP_INTERPOLATION not in CROP_INTERPOLATIONS:
-            raise ValueError(
-                f"INPUT.CROP_INTERPOLATION {self.cfg.INPUT.CROP_INTERPOLATION!r} is not one of "
-                f"{', '.join(CROP_INTERPOLATIONS)}"
-            )
         apply_lora(self.clip, self.cfg.LORA)
         self.text_trains = self.cfg.LORA.ENCODER in ("text", "both")
         self.distiller = build_distiller(node.DISTILL, self.class_names, self.device)
@@ -117,13 +111,6 @@ class CLIPLoRA(TrainerBase):
         if self.distiller is not None:
             self.distiller.prepare(train, self.cfg.CACHE_DIR)
             self.report["distillation"] = self.distiller.describe()
-
-    def augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
-        """RandomResizedCrop(INPUT.CROP_SCALE, INPUT.CROP_INTERPOLATION) + horizontal flip."""
-        input_cfg = self.cfg.INPUT
-        return augment_batch(
-            images, self.generator, input_cfg.CROP_SCALE, input_cfg.CROP_INTERPOLATION
-        )
 
     def compute_losses(
         self, images: torch.Tensor, labels: torch.Tensor, indices: np.ndarray

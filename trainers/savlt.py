@@ -1,6 +1,6 @@
 """SAVLT: structure-aware vision-language tuning (multi-center cervical OCT).
 
-The released code is rabbit-my/SAVLT (docs/methods/savlt.md gives file:line for each item).
+The released code is rabbit-my/SAVLT (docs/methods.md gives file:line for each item).
 LoRA on the vision encoder (the LORA node; the recipe sets q, k, v, out in all blocks, r=8,
 alpha=4, dropout 0.25), text encoder frozen unless LORA.ENCODER is "both" (own rank LORA.TEXT_RANK),
 visual projection trainable. The image feature f is the pooling of the patch tokens inside the
@@ -190,7 +190,11 @@ class SAVLT(TrainerBase):
         if pixels.shape[-2:] != images.shape[-2:]:
             pixels = F.interpolate(pixels, size=images.shape[-2:], mode="nearest")
         warped = augment_batch(
-            torch.cat([images, pixels], dim=1), self.generator, self.cfg.INPUT.CROP_SCALE
+            torch.cat([images, pixels], dim=1),
+            self.generator,
+            self.cfg.INPUT.CROP_SCALE,
+            self.bundle.image_size,
+            self.cfg.INPUT.CROP_INTERPOLATION,
         )
         tissue = warped[:, 3] > 0.5
         regions = compute_roi(tissue, self.node.ROI, self.grid, self.node.BOX_MIN_ROW)
