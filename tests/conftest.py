@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,3 +112,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_command(args: list[str], output: Path) -> dict:
+    """`python run_shell.py ARGS` as a user types it (a fresh process, from the repository);
+    returns the one results.json it wrote under `output`. Waits on the process, not a clock."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "run_shell.py", *args]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = output.rglob("results.json")
+    return json.loads(path.read_text())

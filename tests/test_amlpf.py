@@ -3,11 +3,8 @@ the Frobenius distillation, trainable sets, options, end-to-end runs (CLI and re
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_command
 
 from fewclip.backbones import build_clip
 from fewclip.config import ConfigError, build_config
@@ -232,16 +230,12 @@ SMALL = [
 
 def test_paper_recipe_runs_through_the_cli(tmp_path, shared_cache):
     out = tmp_path / "out"
-    command = [
-        sys.executable, "run_shell.py", "--recipe", RECIPE, "--dataset-config", DATA,
+    args = [
+        "--recipe", RECIPE, "--dataset-config", DATA,
         "--shots", "2", "--seeds", "1", "OPTIM.MAX_ITERS", "4",
         "OUTPUT_DIR", str(out), "CACHE_DIR", str(shared_cache), *SMALL[:10],
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (path,) = out.rglob("results.json")
-    results = json.loads(path.read_text())
+    results = run_command(args, out)
     assert results["status"] == "complete", results.get("error")
     training = results["training"]
     assert set(training["fusion_weights"]) == {"word", "short", "description"}

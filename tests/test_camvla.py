@@ -3,11 +3,8 @@ trains under each option, test-time logits, attention maps, runs through the CLI
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_command
 from PIL import Image
 
 from fewclip.config import build_config
@@ -331,22 +329,19 @@ def test_save_artifacts_follows_the_config(tmp_path):
 # ----- whole runs -------------------------------------------------------------------------------
 def test_paper_recipe_runs_through_the_cli_on_generated_data(tmp_path, shared_cache):
     output = tmp_path / "out"
-    command = [
-        sys.executable, "run_shell.py", "--recipe", RECIPE, "--dataset-config", DATASET,
+    args = [
+        "--recipe", RECIPE, "--dataset-config", DATASET,
         "--shots", "2", "--seeds", "1", "OPTIM.MAX_ITERS", "4", "OUTPUT_DIR", str(output),
         "CACHE_DIR", str(shared_cache), "DATASET.SYNTHETIC.IMAGES_PER_CLASS", "12",
         "TRAINER.CAMVLA.ATTENTION_MAPS", "2",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (path,) = output.rglob("results.json")
-    results = json.loads(path.read_text())
+    results = run_command(args, output)
     assert results["status"] == "complete"
     assert results["config"]["TRAINER"]["CAMVLA"]["LOSS"] == "source"
     assert 0.0 <= results["metrics"]["test"]["accuracy"] <= 1.0
-    assert (path.parent / "checkpoint.safetensors").is_file()
-    assert len(list((path.parent / "attention_maps").glob("*.png"))) == 2
+    run_dir = Path(results["run_dir"])
+    assert (run_dir / "checkpoint.safetensors").is_file()
+    assert len(list((run_dir / "attention_maps").glob("*.png"))) == 2
 
 
 def test_lora_variant_runs_end_to_end(fast_opts):

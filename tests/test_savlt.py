@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import subprocess
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_oct_tree
+from conftest import run_command, write_oct_tree
 from PIL import Image
 
 from fewclip.augment import augment_batch
@@ -414,18 +411,14 @@ def test_paper_recipe_runs_through_the_cli_on_generated_oct_data(tmp_path, share
             target.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask, mode="L").save(target)
     output = tmp_path / "out"
-    command = [
-        sys.executable, "run_shell.py", "--recipe", RECIPE,
+    args = [
+        "--recipe", RECIPE,
         "--dataset-config", "configs/datasets/cervical_oct.yaml", "--shots", "2", "--seeds", "1",
         "DATASET.ROOT", str(root), "DATASET.PROMPT_FILE", "configs/prompts/cervical_oct_savlt.yaml",
         "DATASET.VAL_SHOTS", "0", "MODEL.NAME", "tiny-vit", "OPTIM.MAX_ITERS", "3",
         "OPTIM.BATCH_SIZE", "8", "OUTPUT_DIR", str(output), "CACHE_DIR", str(shared_cache),
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (path,) = output.rglob("results.json")
-    results = json.loads(path.read_text())
+    results = run_command(args, output)
     assert results["status"] == "complete"
     assert set(results["metrics"]["targets"]) == {"huaxi", "xiangya"}
     assert results["metrics"]["targets"]["huaxi"]["num_samples"] == 40
