@@ -1,8 +1,9 @@
 """Aggregation of a results tree: mean ± std, 95% CI and number of seeds per cell group.
 
 Reads `results.json` files only (never logs). Groups by (dataset, trainer, recipe, shots, eval set),
-where the eval set is the in-domain test split or a target center. Cells the sweep expected (its
-`sweep.json` manifest) but that have no results are listed as missing; failed ones with their error.
+where the eval set is the in-domain test split, a target center or a cross-dataset target. Cells
+the sweep expected (its `sweep.json` manifest) but that have no results are listed as missing;
+failed ones with their error.
 """
 
 from __future__ import annotations
@@ -71,12 +72,16 @@ def metric_value(values: dict[str, Any], metric: str) -> float | None:
 
 
 def eval_sets(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """ "in-domain" (the test split) and "target:<center>" for every target center."""
+    """ "in-domain" (the test split), "target:<center>" for every target center and
+    "cross:<dataset>" for the cross-dataset evaluation (EVAL.CROSS_DATASET)."""
     sets = {}
     if "test" in metrics:
         sets["in-domain"] = metrics["test"]
     for center, values in metrics.get("targets", {}).items():
         sets[f"target:{center}"] = values
+    cross = metrics.get("cross_dataset")
+    if isinstance(cross, dict):
+        sets[f"cross:{cross.get('dataset', 'dataset')}"] = cross
     return sets
 
 

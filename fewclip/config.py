@@ -257,9 +257,22 @@ def _parse_opt_value(raw: str, default: Any) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    if isinstance(default, (list, tuple)) and isinstance(value, str) and raw.lstrip()[:1] == "[":
+        try:  # YAML flow syntax: [NILM, LSIL] or [DATASET.CLASS_NAMES, [NILM, LSIL]], one value
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, list):
+            return [_opt_list_item(item) for item in value]
     if isinstance(default, (list, tuple)) and isinstance(value, str):  # a,b or [a/b.png, c]
         return [part.strip() for part in value.strip("[]() ").split(",") if part.strip()]
     return value
+
+
+def _opt_list_item(item: Any) -> Any:
+    """An item of a YAML list opt; a nested list becomes its literal (`['NILM', 'LSIL']`), which
+    reads back as one value when the item is itself an opt value (EVAL.CROSS_DATASET_OPTS)."""
+    return repr([str(part) for part in item]) if isinstance(item, list) else item
 
 
 def opts_to_dict(opts: Sequence[str], cfg: CfgNode) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from fewclip.data import DatasetBase, Item
 from fewclip.distributed import broadcast_from_main, is_main_process
 from fewclip.evaluation import evaluate_set, summarise_targets, validation_score
 from fewclip.images import ImageStore, compute_store_items, decoding_seconds
-from fewclip.label_map import evaluate_with_label_map, load_label_map
+from fewclip.label_map import evaluate_with_label_map, load_label_map, select_target_items
 from fewclip.protocol import load_dataset
 from fewclip.registry import DATASETS, TRAINERS
 from fewclip.results import (
@@ -113,15 +113,34 @@ def cell_lock(run_dir: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase):
-    """(other dataset, label map) for EVAL.CROSS_DATASET, or None; errors name the classes."""
+def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase) -> dict[str, Any] | None:
+    """EVAL.CROSS_DATASET's dataset, label map and items (its `drop`ped classes left out and
+    counted), or None; errors name the classes. Checked before training: it fails early."""
     if not cfg.EVAL.CROSS_DATASET:
         return None
     if not cfg.EVAL.LABEL_MAP:
         raise ValueError("EVAL.CROSS_DATASET is set but EVAL.LABEL_MAP is empty: declare the map")
     opts = ["CACHE_DIR", cfg.CACHE_DIR, "OUTPUT_DIR", cfg.OUTPUT_DIR, *cfg.EVAL.CROSS_DATASET_OPTS]
     other = load_dataset(cfg.EVAL.CROSS_DATASET, opts)
-    return other, load_label_map(cfg.EVAL.LABEL_MAP, dataset.class_names, other.class_names)
+    label_map = load_label_map(cfg.EVAL.LABEL_MAP, dataset.class_names, other.class_names)
+    items, dropped = select_target_items(other.items, label_map)
+    if dropped:
+        counts = ", ".join(f"{count} {name}" for name, count in dropped.items())
+        LOGGER.warning("cross-dataset %s: label map drops %s images", other.name, counts)
+    if not items:
+        raise ValueError(f"cross-dataset {cfg.EVAL.CROSS_DATASET}: no images left after drop")
+    return {
+        "dataset": other,
+        "label_map": label_map,
+        "items": items,
+        "block": {
+            "dataset": other.name,
+            "dataset_config": str(cfg.EVAL.CROSS_DATASET),
+            "root": str(other.root),
+            "class_names": list(label_map.target_classes),
+            "dropped": {"classes": list(dropped), "images": dropped},
+        },
+    }
 
 
 class OutputError(OSError):
@@ -245,11 +264,13 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             metrics["targets"] = targets
             metrics["targets_summary"] = summarise_targets(targets, HEADLINE)
         if cross is not None:
-            cross_dataset, label_map = cross
-            cross_set = build_image_set(cross_dataset.items, bundle.image_size, cfg)
-            metrics["cross_dataset"] = evaluate_with_label_map(
-                trainer, cross_set, label_map, cross_dataset.positive_classes, cfg.EVAL.ECE_BINS
-            )
+            label_map = cross["label_map"]
+            kept = [c for c in cross["dataset"].positive_classes if c not in label_map.dropped]
+            cross_set = build_image_set(cross["items"], bundle.image_size, cfg)
+            metrics["cross_dataset"] = {
+                **cross["block"],
+                **evaluate_with_label_map(trainer, cross_set, label_map, kept, cfg.EVAL.ECE_BINS),
+            }
         if test is not None and hasattr(trainer, "save_artifacts") and is_main_process():
             trainer.save_artifacts(run_dir, test)  # e.g. CaM-VLA attention maps
         timings["evaluate_seconds"] = time.perf_counter() - tick

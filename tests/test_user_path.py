@@ -1,0 +1,83 @@
+"""The user's path on their own data (issue 14): cross-dataset rows in every table, display
+names, errors caught once before the first cell, skipped images counted, run folders tidy."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from fewclip.config import build_config
+from fewclip.report import write_report
+from fewclip.sweep import build_sweep, run_cells
+
+ROOT = Path(__file__).resolve().parent.parent
+ZEROSHOT = str(ROOT / "configs" / "trainers" / "zeroshot.yaml")
+SYNTHETIC = str(ROOT / "configs" / "datasets" / "synthetic.yaml")
+
+
+def cross_target(tmp_path: Path, image_tree) -> tuple[Path, Path]:
+    """A 3-class image folder (low, high, scc) and a map from the synthetic classes dropping scc."""
+    root = image_tree({"low": 3, "high": 3, "scc": 2}, tmp_path / "bethesda")
+    dataset_yaml = tmp_path / "my_bethesda.yaml"
+    dataset_yaml.write_text(f"DATASET:\n  NAME: ImageFolder\n  ROOT: {root}\n")
+    label_map = tmp_path / "map.yaml"
+    label_map.write_text(
+        "mapping: {normal: low, lsil: low, hsil: high, carcinoma: high}\ndrop: [scc]\n"
+    )
+    return dataset_yaml, label_map
+
+
+def test_cross_dataset_rows_reach_every_table_and_drop_is_counted(
+    fast_opts, image_tree, tmp_path, caplog
+):
+    dataset_yaml, label_map = cross_target(tmp_path, image_tree)
+    opts = [*fast_opts, "EVAL.CROSS_DATASET", str(dataset_yaml), "EVAL.LABEL_MAP", str(label_map)]
+    sweep = build_sweep(None, [SYNTHETIC], [ZEROSHOT], [2], [1, 2], opts)
+    results = run_cells(sweep.cells)
+    assert [r["status"] for r in results] == ["complete", "complete"], results[0].get("error")
+    assert "drops 2 scc images" in caplog.text
+    cross = results[0]["metrics"]["cross_dataset"]
+    name = cross["dataset"]
+    assert cross["class_names"] == ["high", "low"] and cross["num_samples"] == 6
+    assert cross["root"] == str(tmp_path / "bethesda")
+    assert cross["dataset_config"] == str(dataset_yaml)
+    assert cross["dropped"] == {"classes": ["scc"], "images": {"scc": 2}}
+    _, terminal = write_report(sweep.root)
+    assert f"cross:{name}" in terminal
+    rows = list(csv.DictReader((sweep.root / "summary.csv").open()))
+    cross_rows = [row for row in rows if row["eval_set"] == f"cross:{name}"]
+    assert len(cross_rows) == 1 and cross_rows[0]["seeds"] == "2"
+    assert cross_rows[0]["balanced_accuracy_n"] == "2"
+    assert f"cross:{name}" in (sweep.root / "summary.md").read_text()
+    assert f"cross:{name}" in (sweep.root / "report.md").read_text()
+
+
+def test_list_opts_take_yaml_syntax_as_one_value(tmp_path):
+    cfg = build_config(
+        None,
+        None,
+        [
+            "DATASET.CLASS_NAMES", "[NILM,LSIL,HSIL]",
+            "EVAL.CROSS_DATASET_OPTS", "[DATASET.CLASS_NAMES, [NILM, LSIL, HSIL]]",
+        ],
+    )  # fmt: skip
+    assert cfg.DATASET.CLASS_NAMES == ["NILM", "LSIL", "HSIL"]
+    assert len(cfg.EVAL.CROSS_DATASET_OPTS) == 2
+    inner = build_config(None, None, list(cfg.EVAL.CROSS_DATASET_OPTS))
+    assert inner.DATASET.CLASS_NAMES == ["NILM", "LSIL", "HSIL"]
+
+
+def test_label_map_drop_errors_name_the_classes():
+    from fewclip.label_map import LabelMapError, build_label_map
+
+    mapping = {"a": "x", "b": "y"}
+    kept = build_label_map(mapping, ["a", "b"], ["x", "y", "z"], drop=["z"])
+    assert kept.target_classes == ["x", "y"] and kept.dropped == ["z"]
+    with pytest.raises(LabelMapError, match="drop: "):
+        build_label_map(mapping, ["a", "b"], ["x", "y", "z"])
+    with pytest.raises(LabelMapError, match="drops w, which are not target classes"):
+        build_label_map(mapping, ["a", "b"], ["x", "y", "z"], drop=["w", "z"])
+    with pytest.raises(LabelMapError, match="maps b to a dropped class"):
+        build_label_map(mapping, ["a", "b"], ["x", "y"], drop=["y"])
