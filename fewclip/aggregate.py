@@ -86,10 +86,10 @@ def eval_sets(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def cell_key(record: dict[str, Any]) -> tuple:
-    """(dataset, trainer, recipe, shots) of a complete record."""
+    """(dataset display name, trainer, recipe, shots) of a complete record."""
     cfg = record["config"]
     return (
-        cfg["DATASET"]["NAME"],
+        cfg["DATASET"].get("DISPLAY_NAME") or cfg["DATASET"]["NAME"],
         cfg["TRAINER"]["NAME"],
         cfg["RECIPE"],
         cfg["DATASET"]["NUM_SHOTS"],

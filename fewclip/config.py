@@ -43,6 +43,10 @@ CHOICES = {
 }
 
 
+# Datasets whose class says nothing about the data: their display name defaults to the YAML's stem.
+GENERIC_DATASETS = ("ImageFolder", "CSVDataset")
+
+
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names it."""
 
@@ -68,6 +72,9 @@ def get_cfg_defaults() -> CfgNode:
 
     cfg.DATASET = CfgNode()
     cfg.DATASET.NAME = "SyntheticMultiCenter"  # registered dataset class
+    # name in run folders, tables and figures; "" = the YAML's file stem for generic datasets
+    # (ImageFolder, CSVDataset), the class name otherwise
+    cfg.DATASET.DISPLAY_NAME = ""
     cfg.DATASET.ROOT = ""  # data folder; "" = the dataset's default (generated data: CACHE_DIR)
     cfg.DATASET.NUM_SHOTS = 4  # training images per class (per class and center, see SHOTS_PER)
     cfg.DATASET.SPLIT_SEED = 1  # which images become the few shots and the val/test split
@@ -367,9 +374,24 @@ def build_config(
         raise ConfigError(
             "TRAINER.NAME and DATASET.NAME must be set at top level of a file or in opts"
         )
+    cfg.DATASET.DISPLAY_NAME = resolve_display_name(cfg, dataset_config)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def resolve_display_name(cfg: CfgNode, dataset_config: str | Path | None) -> str:
+    """DATASET.DISPLAY_NAME, or its default: the dataset YAML's stem for a generic dataset (so two
+    image folders get two names), the registered class name otherwise; path-safe."""
+    name = cfg.DATASET.DISPLAY_NAME
+    if not name:
+        generic = cfg.DATASET.NAME in GENERIC_DATASETS and dataset_config
+        name = Path(dataset_config).stem if generic else cfg.DATASET.NAME
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(
+            f"DATASET.DISPLAY_NAME {name!r} is used as a folder name: no slashes, not . or .."
+        )
+    return name
 
 
 def attach_nodes(cfg: CfgNode, trainer_name: str, dataset_name: str) -> None:

@@ -43,7 +43,8 @@ _MODEL_CACHE: dict[tuple[str, str, str], ClipBundle] = {}
 
 
 def resolve_run_dir(cfg: CfgNode) -> Path:
-    """`<OUTPUT_DIR>/<dataset>/<trainer>/<recipe>/shots_<k>[_fraction_<f>]/seed_<s>[_split_<t>]`."""
+    """`<OUTPUT_DIR>/<dataset>/<trainer>/<recipe>/shots_<k>[_fraction_<f>]/seed_<s>[_split_<t>]`,
+    <dataset> being DATASET.DISPLAY_NAME."""
     if cfg.RUN_DIR:
         return Path(cfg.RUN_DIR)
     seed = f"seed_{cfg.SEED}"
@@ -52,7 +53,8 @@ def resolve_run_dir(cfg: CfgNode) -> Path:
     shots = f"shots_{cfg.DATASET.NUM_SHOTS}"
     if cfg.DATASET.TRAIN_FRACTION > 0:  # label-efficiency runs: a share of each class
         shots += f"_fraction_{cfg.DATASET.TRAIN_FRACTION:g}"
-    return Path(cfg.OUTPUT_DIR) / cfg.DATASET.NAME / cfg.TRAINER.NAME / cfg.RECIPE / shots / seed
+    dataset = cfg.DATASET.get("DISPLAY_NAME") or cfg.DATASET.NAME
+    return Path(cfg.OUTPUT_DIR) / dataset / cfg.TRAINER.NAME / cfg.RECIPE / shots / seed
 
 
 def select_device(name: str) -> torch.device:
@@ -126,7 +128,7 @@ def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase) -> dict[str, Any] | N
     items, dropped = select_target_items(other.items, label_map)
     if dropped:
         counts = ", ".join(f"{count} {name}" for name, count in dropped.items())
-        LOGGER.warning("cross-dataset %s: label map drops %s images", other.name, counts)
+        LOGGER.warning("cross-dataset %s: label map drops %s images", other.root, counts)
     if not items:
         raise ValueError(f"cross-dataset {cfg.EVAL.CROSS_DATASET}: no images left after drop")
     return {
@@ -134,7 +136,7 @@ def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase) -> dict[str, Any] | N
         "label_map": label_map,
         "items": items,
         "block": {
-            "dataset": other.name,
+            "dataset": other.cfg.DATASET.get("DISPLAY_NAME") or other.name,
             "dataset_config": str(cfg.EVAL.CROSS_DATASET),
             "root": str(other.root),
             "class_names": list(label_map.target_classes),

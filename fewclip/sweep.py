@@ -172,8 +172,27 @@ def build_sweep(
     if leave_one_center_out or spec.get("leave_one_center_out"):
         cells = expand_center_folds(cells)
     configs = [build_cell_config(cell) for cell in cells]
+    check_run_folders(cells, configs)
     root = Path(configs[0].OUTPUT_DIR) if configs else Path("output")
     return Sweep(cells, configs, root, dict(spec.get("slurm") or {}))
+
+
+def check_run_folders(cells: Sequence[Cell], configs: Sequence[CfgNode]) -> None:
+    """Two cells that would write one run folder are an error naming both dataset YAMLs and the
+    fix (e.g. two ImageFolder YAMLs given the same DATASET.DISPLAY_NAME), before anything runs."""
+    from fewclip.run import resolve_run_dir
+
+    seen: dict[Path, Cell] = {}
+    for cell, cfg in zip(cells, configs):
+        run_dir = resolve_run_dir(cfg)
+        if run_dir in seen:
+            first = seen[run_dir]
+            raise ConfigError(
+                f"two cells would share the run folder {run_dir}: {first.dataset_config or '-'} "
+                f"({first.describe()}) and {cell.dataset_config or '-'} ({cell.describe()}); "
+                "give the datasets distinct DATASET.DISPLAY_NAME values (or drop the repeat)"
+            )
+        seen[run_dir] = cell
 
 
 def _last_value(opts: Sequence[str], key: str) -> str | None:

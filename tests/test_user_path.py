@@ -17,6 +17,12 @@ ZEROSHOT = str(ROOT / "configs" / "trainers" / "zeroshot.yaml")
 SYNTHETIC = str(ROOT / "configs" / "datasets" / "synthetic.yaml")
 
 
+def folder_opts(fast_opts: list[str]) -> list[str]:
+    """fast_opts without the synthetic dataset's own keys (for image-folder datasets)."""
+    pairs = zip(fast_opts[0::2], fast_opts[1::2])
+    return [part for key, value in pairs if "SYNTHETIC" not in key for part in (key, value)]
+
+
 def cross_target(tmp_path: Path, image_tree) -> tuple[Path, Path]:
     """A 3-class image folder (low, high, scc) and a map from the synthetic classes dropping scc."""
     root = image_tree({"low": 3, "high": 3, "scc": 2}, tmp_path / "bethesda")
@@ -81,3 +87,23 @@ def test_label_map_drop_errors_name_the_classes():
         build_label_map(mapping, ["a", "b"], ["x", "y", "z"], drop=["w", "z"])
     with pytest.raises(LabelMapError, match="maps b to a dropped class"):
         build_label_map(mapping, ["a", "b"], ["x", "y"], drop=["y"])
+
+
+def test_display_names_name_run_folders_and_a_shared_folder_fails_at_expansion(
+    fast_opts, image_tree, tmp_path
+):
+    from fewclip.config import ConfigError
+    from fewclip.run import resolve_run_dir
+
+    root = image_tree({"low": 4, "high": 4}, tmp_path / "data")
+    first, second = tmp_path / "site_a.yaml", tmp_path / "site_b.yaml"
+    first.write_text(f"DATASET:\n  NAME: ImageFolder\n  ROOT: {root}\n")
+    second.write_text(first.read_text())
+    opts = folder_opts(fast_opts)
+    sweep = build_sweep(None, [str(first), str(second)], [ZEROSHOT], [1], [1], opts)
+    folders = [resolve_run_dir(cfg).relative_to(sweep.root).parts[0] for cfg in sweep.configs]
+    assert folders == ["site_a", "site_b"]
+    assert build_config(None, SYNTHETIC, fast_opts).DATASET.DISPLAY_NAME == "SyntheticMultiCenter"
+    second.write_text(first.read_text() + "  DISPLAY_NAME: site_a\n")
+    with pytest.raises(ConfigError, match=f"{first}.*{second}.*DISPLAY_NAME"):
+        build_sweep(None, [str(first), str(second)], [ZEROSHOT], [1], [1], opts)
