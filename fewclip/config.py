@@ -232,9 +232,17 @@ def check_choice(key: str, value: Any, source: str = "the config") -> None:
         raise ConfigError(f"{key} {value!r} in {source} is not one of {', '.join(CHOICES[key])}")
 
 
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in name.split("_") if part)
+
+
 def _unknown_key(key: str, node: CfgNode, prefix: str, source: str) -> ConfigError:
-    options = [prefix + name for name in node]
-    close = difflib.get_close_matches(prefix + key, options, n=3, cutoff=0.6)
+    """Close matches by abbreviation (LEARNING_RATE -> LR), by the last key part, then whole."""
+    names = list(node)
+    abbreviated = [n for n in names if n == _initials(key) or _initials(n) == key]
+    by_part = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    whole = difflib.get_close_matches(prefix + key, [prefix + n for n in names], n=3, cutoff=0.6)
+    close = list(dict.fromkeys([*(prefix + n for n in abbreviated + by_part), *whole]))[:3]
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key {prefix + key} in {source}{hint}")
 
@@ -364,6 +372,17 @@ def build_config(
     dataset_name = raw_opts.get(
         "DATASET.NAME", _peek("DATASET.NAME", peek_sources, cfg.DATASET.NAME)
     )
+    recipe_trainer = _peek("TRAINER.NAME", [files[-1][1]], "") if recipe else ""
+    if (  # a subclass of the recipe's trainer (a test double, a variant) runs that recipe
+        recipe_trainer
+        and "RECIPE" not in raw_opts
+        and not issubclass(TRAINERS.get(trainer_name), TRAINERS.get(recipe_trainer))
+    ):
+        raise ConfigError(
+            f"TRAINER.NAME {trainer_name} in opts overrides {recipe_trainer} of recipe "
+            f"{recipe}, whose name would file the run: use a recipe of {trainer_name} "
+            "(or set RECIPE to name the variant)"
+        )
     attach_nodes(cfg, trainer_name, dataset_name)
     for source, data in files:
         merge_dict(cfg, data, source)
@@ -374,10 +393,23 @@ def build_config(
         raise ConfigError(
             "TRAINER.NAME and DATASET.NAME must be set at top level of a file or in opts"
         )
+    check_samplers(cfg)
     cfg.DATASET.DISPLAY_NAME = resolve_display_name(cfg, dataset_config)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def check_samplers(cfg: CfgNode) -> None:
+    """A trainer node's SAMPLER must be a registered sampler: caught here, not inside fit."""
+    from fewclip.registry import SAMPLERS, RegistryError
+
+    for key, node in cfg.TRAINER.items():
+        if isinstance(node, CfgNode) and "SAMPLER" in node and SAMPLERS.names():
+            try:
+                SAMPLERS.get(node.SAMPLER)
+            except RegistryError as error:
+                raise ConfigError(f"TRAINER.{key}.SAMPLER: {error}") from None
 
 
 def resolve_display_name(cfg: CfgNode, dataset_config: str | Path | None) -> str:

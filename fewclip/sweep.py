@@ -173,6 +173,7 @@ def build_sweep(
         cells = expand_center_folds(cells)
     configs = [build_cell_config(cell) for cell in cells]
     check_run_folders(cells, configs)
+    check_datasets(cells, configs)
     root = Path(configs[0].OUTPUT_DIR) if configs else Path("output")
     return Sweep(cells, configs, root, dict(spec.get("slurm") or {}))
 
@@ -193,6 +194,34 @@ def check_run_folders(cells: Sequence[Cell], configs: Sequence[CfgNode]) -> None
                 "give the datasets distinct DATASET.DISPLAY_NAME values (or drop the repeat)"
             )
         seen[run_dir] = cell
+
+
+# DATASET keys that choose the few shots of a cell, not which items the dataset parses
+_SPLIT_ONLY_KEYS = ("NUM_SHOTS", "SPLIT_SEED", "TRAIN_FRACTION", "VAL_SHOTS", "DISPLAY_NAME")
+
+
+def check_datasets(cells: Sequence[Cell], configs: Sequence[CfgNode]) -> None:
+    """Parse each distinct dataset (and cross-dataset target with its label map) once, before the
+    first cell: a bad ROOT, class or label map is one error naming the YAML, not one per cell."""
+    from fewclip.config import config_to_dict
+    from fewclip.registry import DATASETS
+    from fewclip.run import load_cross_dataset
+
+    checked: set[str] = set()
+    for cell, cfg in zip(cells, configs):
+        data = {k: v for k, v in config_to_dict(cfg.DATASET).items() if k not in _SPLIT_ONLY_KEYS}
+        cross = [cfg.EVAL.CROSS_DATASET, cfg.EVAL.LABEL_MAP, list(cfg.EVAL.CROSS_DATASET_OPTS)]
+        key = json.dumps([cfg.CACHE_DIR, data, cross], sort_keys=True, default=str)
+        if key in checked:
+            continue
+        checked.add(key)
+        where = cell.dataset_config or cfg.DATASET.NAME
+        try:
+            dataset = DATASETS.get(cfg.DATASET.NAME)(cfg)
+            load_cross_dataset(cfg, dataset)
+        except Exception as error:  # the one message for every cell of this dataset
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"dataset {where}: {message}") from None
 
 
 def _last_value(opts: Sequence[str], key: str) -> str | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fewclip.config import build_config
+from fewclip.data import Item
 from fewclip.report import write_report
 from fewclip.sweep import build_sweep, run_cells
 
@@ -107,3 +108,42 @@ def test_display_names_name_run_folders_and_a_shared_folder_fails_at_expansion(
     second.write_text(first.read_text() + "  DISPLAY_NAME: site_a\n")
     with pytest.raises(ConfigError, match=f"{first}.*{second}.*DISPLAY_NAME"):
         build_sweep(None, [str(first), str(second)], [ZEROSHOT], [1], [1], opts)
+
+
+def test_every_user_mistake_is_one_line_with_the_fix(fast_opts, tmp_path, capsys):
+    from fewclip.cli import main, parse_args
+    from fewclip.config import ConfigError
+    from fewclip.registry import TRAINERS, RegistryError
+    from fewclip.shots import SplitError, sample_few_shot
+
+    with pytest.raises(RegistryError, match="did you mean 'CLIPLoRA'"):
+        TRAINERS.get("ClipLoRA")
+    lora = str(ROOT / "configs" / "trainers" / "clip_lora.yaml")
+    with pytest.raises(ConfigError, match="overrides CLIPLoRA of recipe .*clip_lora.yaml"):
+        build_config(lora, SYNTHETIC, [*fast_opts, "TRAINER.NAME", "LinearProbe"])
+    renamed = build_config(ZEROSHOT, SYNTHETIC, [*fast_opts, "TRAINER.NAME", "LinearProbe",
+                                                 "RECIPE", "probe"])  # fmt: skip
+    assert renamed.TRAINER.NAME == "LinearProbe" and renamed.RECIPE == "probe"
+    savlt = str(ROOT / "configs" / "trainers" / "savlt.yaml")
+    with pytest.raises(ConfigError, match="SAVLT.SAMPLER.*did you mean 'uniform'"):
+        build_config(savlt, SYNTHETIC, [*fast_opts, "TRAINER.SAVLT.SAMPLER", "Uniform"])
+    with pytest.raises(ConfigError, match="did you mean OPTIM.LR"):
+        build_config(None, None, ["OPTIM.LEARNING_RATE", "1e-3"])
+    items = [
+        Item(f"/d/{name}/{i}.png", label, name)
+        for label, (name, count) in enumerate([("a", 5), ("b", 1), ("c", 2)])
+        for i in range(count)
+    ]
+    with pytest.raises(SplitError, match=r"classes 'b' \(1 training images\), 'c' \(2 training"):
+        sample_few_shot(items, 4, seed=0)
+    args = parse_args(["--shots", "1", "2", "OPTIM.LR", "1e-3", "--dry-run", "SEED", "3"])
+    assert args.dry_run and args.shots == [1, 2] and args.opts == ["OPTIM.LR", "1e-3", "SEED", "3"]
+
+    bad_root = tmp_path / "clinic.yaml"
+    bad_root.write_text(f"DATASET:\n  NAME: ImageFolder\n  ROOT: {tmp_path / 'nowhere'}\n")
+    argv = ["--recipe", ZEROSHOT, "--dataset-config", str(bad_root), "--shots", "1", "2", "4",
+            *folder_opts(fast_opts), "--seeds", "1", "2", "3", "4", "--dry-run"]  # fmt: skip
+    assert main(argv) == 2  # 12 cells, one dataset: parsed once, one line, before any cell
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and error.count("does not exist") == 1
+    assert f"dataset {bad_root}" in error and not (tmp_path / "output").exists()
