@@ -82,12 +82,22 @@ def build_image_set(
     cfg: CfgNode,
     store: ImageStore | None = None,
     in_memory: bool = False,
+    skipped: list[str] | None = None,
 ) -> ImageSet:
-    """Decoded images of `items` from the shared store (dropping unreadable ones if configured):
-    a view of the memory map, or (`in_memory`, for the small training set) a copy in memory."""
+    """Decoded images of `items` from the shared store (dropping unreadable ones if configured,
+    each warned and appended to `skipped`): a view of the memory map, or (`in_memory`, for the
+    small training set) a copy in memory."""
     store = store or ImageStore(items, image_size, cfg.CACHE_DIR or None, cfg.INPUT.STORE_SIZE)
     decoded = store.load(items, cfg.DATASET.SKIP_UNREADABLE, in_memory)
     kept_items = [items[i] for i in decoded.kept]
+    if len(kept_items) < len(items):
+        kept_set = set(decoded.kept)
+        for index in (i for i in range(len(items)) if i not in kept_set):
+            LOGGER.warning(
+                "skipping unreadable image %s (DATASET.SKIP_UNREADABLE)", items[index].path
+            )
+            if skipped is not None:
+                skipped.append(items[index].path)
     return ImageSet(
         images=decoded.images,
         labels=np.array([item.label for item in kept_items], dtype=np.int64),
@@ -216,8 +226,17 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             cfg.CACHE_DIR or None,
             cfg.INPUT.STORE_SIZE,  # training crops and multi-view windows are cut from these
         )
-        train = build_image_set(split.train, bundle.image_size, cfg, store, in_memory=True)
-        val = build_image_set(split.val, bundle.image_size, cfg, store) if split.val else None
+        skipped: dict[str, list[str]] = {}  # eval set -> unreadable files left out
+        train = build_image_set(
+            split.train, bundle.image_size, cfg, store, True, skipped.setdefault("train", [])
+        )
+        val = (
+            build_image_set(
+                split.val, bundle.image_size, cfg, store, False, skipped.setdefault("val", [])
+            )
+            if split.val
+            else None
+        )
         timings["decode_train_val_seconds"] = time.perf_counter() - tick
         tick = time.perf_counter()
         fit_report = trainer.fit(train, val, validation_score)
@@ -229,9 +248,22 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
             tmp.replace(checkpoint)
         tick = time.perf_counter()
-        test = build_image_set(split.test, bundle.image_size, cfg, store) if split.test else None
+        test = (
+            build_image_set(
+                split.test, bundle.image_size, cfg, store, False, skipped.setdefault("test", [])
+            )
+            if split.test
+            else None
+        )
         target_sets = {
-            center: build_image_set(items, bundle.image_size, cfg, store)
+            center: build_image_set(
+                items,
+                bundle.image_size,
+                cfg,
+                store,
+                False,
+                skipped.setdefault(f"target:{center}", []),
+            )
             for center, items in split.targets.items()
         }
         timings["decode_test_seconds"] = time.perf_counter() - tick
@@ -268,7 +300,10 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
         if cross is not None:
             label_map = cross["label_map"]
             kept = [c for c in cross["dataset"].positive_classes if c not in label_map.dropped]
-            cross_set = build_image_set(cross["items"], bundle.image_size, cfg)
+            cross_files = skipped.setdefault(f"cross:{cross['block']['dataset']}", [])
+            cross_set = build_image_set(
+                cross["items"], bundle.image_size, cfg, None, False, cross_files
+            )
             metrics["cross_dataset"] = {
                 **cross["block"],
                 **evaluate_with_label_map(trainer, cross_set, label_map, kept, cfg.EVAL.ECE_BINS),
@@ -291,6 +326,11 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             },
             "weights": bundle.identity,
             "class_names": list(dataset.class_names),
+            "skipped_unreadable": {
+                "count": sum(len(files) for files in skipped.values()),
+                "by_set": {name: len(files) for name, files in skipped.items() if files},
+                "files": sorted({path for files in skipped.values() for path in files}),
+            },
             "timings": timings,
         }
     except DivergedError as error:

@@ -147,3 +147,24 @@ def test_every_user_mistake_is_one_line_with_the_fix(fast_opts, tmp_path, capsys
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and error.count("does not exist") == 1
     assert f"dataset {bad_root}" in error and not (tmp_path / "output").exists()
+
+
+def test_skipped_unreadable_images_are_warned_and_counted(fast_opts, image_tree, tmp_path, caplog):
+    from fewclip.run import execute_run
+
+    root = image_tree({"low": 6, "high": 6}, tmp_path / "data")
+    broken = root / "high" / "img_002.png"
+    broken.write_bytes(b"not an image")
+    dataset_yaml = tmp_path / "clinic.yaml"
+    dataset_yaml.write_text(f"DATASET:\n  NAME: ImageFolder\n  ROOT: {root}\n")
+    every_image = ["DATASET.NUM_SHOTS", "100", "DATASET.INSUFFICIENT_SHOTS", "take_all"]
+    opts = [*folder_opts(fast_opts), *every_image, "DATASET.VAL_SHOTS", "0"]
+    failed = execute_run(build_config(ZEROSHOT, dataset_yaml, opts))
+    assert failed["status"] == "failed" and "img_002.png" in failed["error"]
+    opts += ["DATASET.SKIP_UNREADABLE", "True", "OUTPUT_DIR", str(tmp_path / "skip")]
+    results = execute_run(build_config(ZEROSHOT, dataset_yaml, opts))
+    assert results["status"] == "complete", results.get("error")
+    skipped = results["skipped_unreadable"]
+    assert skipped["count"] == 1 and skipped["files"] == [str(broken)]
+    assert sum(skipped["by_set"].values()) == 1
+    assert f"skipping unreadable image {broken}" in caplog.text
