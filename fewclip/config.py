@@ -11,6 +11,7 @@ import ast
 import difflib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,6 +52,13 @@ class ConfigError(ValueError):
     """A bad config file, key or value; the message names it."""
 
 
+def default_cache_dir() -> str:
+    """The user cache, `$XDG_CACHE_HOME/fewclip` (else `~/.cache/fewclip`), not the working
+    directory: every sweep, from any folder and with any OUTPUT_DIR, reuses one cache, which is
+    safe because every cache key holds all its entries depend on."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fewclip")
+
+
 def get_cfg_defaults() -> CfgNode:
     """Cross-cutting keys only; trainers and datasets attach their own nodes when selected."""
     cfg = CfgNode()
@@ -60,7 +68,7 @@ def get_cfg_defaults() -> CfgNode:
     cfg.SEED = 1  # training seed: initialisation, batch order, dropout (not which images are shots)
     cfg.DEVICE = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     cfg.PRECISION = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32", "bf16"
-    cfg.CACHE_DIR = ".cache/fewclip"  # decoded images, features, generated datasets
+    cfg.CACHE_DIR = default_cache_dir()  # decoded images, features, generated datasets
     cfg.PLUGINS = []  # Python files or folders imported before lookup (user datasets/trainers)
     cfg.VERBOSE = False  # log per-step losses
     cfg.TENSORBOARD = False  # TensorBoard scalars (losses, LR, validation) in <run dir>/tensorboard

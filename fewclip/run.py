@@ -6,6 +6,7 @@ import contextlib
 import copy
 import fcntl
 import logging
+import os
 import shutil
 import time
 import traceback
@@ -111,18 +112,34 @@ def build_image_set(
 
 @contextlib.contextmanager
 def cell_lock(run_dir: Path):
-    """Exclusive, non-blocking lock on the cell; yields False when another process holds it."""
+    """Exclusive, non-blocking lock on the cell; yields False when another process holds it.
+
+    run.lock is removed when the run ends (while still locked). A process that opened the file
+    just before the removal finds its lock on a deleted file and takes a fresh one, so two runs
+    never hold one cell."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "run.lock", "w") as handle:
+    path = run_dir / "run.lock"
+    while True:
+        handle = open(path, "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             yield False
             return
         try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # locked a file another run removed: lock the one now at the path
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase) -> dict[str, Any] | None:

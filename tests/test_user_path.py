@@ -168,3 +168,22 @@ def test_skipped_unreadable_images_are_warned_and_counted(fast_opts, image_tree,
     assert skipped["count"] == 1 and skipped["files"] == [str(broken)]
     assert sum(skipped["by_set"].values()) == 1
     assert f"skipping unreadable image {broken}" in caplog.text
+
+
+def test_run_lock_is_removed_and_the_cache_is_not_in_the_working_directory(
+    fast_opts, tmp_path, monkeypatch
+):
+    from fewclip.config import get_cfg_defaults
+    from fewclip.run import cell_lock, execute_run
+
+    results = execute_run(build_config(ZEROSHOT, SYNTHETIC, fast_opts))
+    assert results["status"] == "complete" and not (Path(results["run_dir"]) / "run.lock").exists()
+    run_dir = tmp_path / "cell"
+    with cell_lock(run_dir) as first:
+        assert first and (run_dir / "run.lock").exists()
+        with cell_lock(run_dir) as second:
+            assert not second  # held: the second process skips the cell
+    assert not (run_dir / "run.lock").exists()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
+    monkeypatch.chdir(tmp_path)
+    assert get_cfg_defaults().CACHE_DIR == str(tmp_path / "user_cache" / "fewclip")
