@@ -173,10 +173,19 @@ def mark_worst_centers(rows: list[dict[str, Any]], metric: str) -> None:
                 row["worst"] = row[metric]["mean"] == min(means)
 
 
+FEW_SEEDS = 3  # a 95% CI from fewer seeds is flagged: with 2, t(0.975, 1) = 12.7 x std / sqrt 2
+
+
 def format_cell(summary: dict[str, Any], scale: float = 100.0) -> str:
+    """`mean ± std (CI ±half-width)`; one seed has no std or CI (`n/a`), a CI from fewer than
+    FEW_SEEDS seeds is flagged with `*`."""
     if summary["mean"] is None:
         return "-"
-    return f"{summary['mean'] * scale:.1f} ± {summary['std'] * scale:.1f}"
+    mean = f"{summary['mean'] * scale:.1f}"
+    if summary["n"] < 2 or summary["ci95"] is None:
+        return f"{mean} ± n/a (CI n/a)"
+    flag = "*" if summary["n"] < FEW_SEEDS else ""
+    return f"{mean} ± {summary['std'] * scale:.1f} (CI ±{summary['ci95'] * scale:.1f}{flag})"
 
 
 def render_tables(result: dict, metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, str]:
@@ -199,7 +208,11 @@ def render_tables(result: dict, metrics: tuple[str, ...] = DEFAULT_METRICS) -> d
     notes = [f"- failed: {item['path']} ({item['error']})" for item in result["failed"]]
     notes += [f"- incomplete: {item['path']} ({item['status']})" for item in result["incomplete"]]
     notes += [f"- missing: {path}" for path in result["missing"]]
-    caption = "Values are mean ± std over seeds, in percent; (worst) marks the weakest center."
+    caption = (
+        "Values are mean ± std over seeds (CI: half-width of the 95% t-interval), in percent; "
+        f"* marks a CI from fewer than {FEW_SEEDS} seeds (too few to trust); n/a: one seed; "
+        "(worst) marks the weakest center."
+    )
     table_markdown = tabulate(table, headers=headers, tablefmt="github") + "\n\n" + caption
     return {
         "terminal": "\n".join([tabulate(table, headers=headers, tablefmt="simple"), *notes]),

@@ -187,3 +187,13 @@ def test_run_lock_is_removed_and_the_cache_is_not_in_the_working_directory(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user_cache"))
     monkeypatch.chdir(tmp_path)
     assert get_cfg_defaults().CACHE_DIR == str(tmp_path / "user_cache" / "fewclip")
+
+
+def test_summary_cells_carry_the_ci_and_flag_few_seeds():
+    from fewclip.aggregate import format_cell, summarise_values
+
+    assert format_cell(summarise_values([0.5])) == "50.0 ± n/a (CI n/a)"
+    two = format_cell(summarise_values([0.4, 0.6]))  # t(0.975, 1) * 0.1414 / sqrt(2) = 1.27
+    assert two == "50.0 ± 14.1 (CI ±127.1*)"
+    three = format_cell(summarise_values([0.4, 0.5, 0.6]))  # t(0.975, 2) * 0.1 / sqrt(3)
+    assert three == "50.0 ± 10.0 (CI ±24.8)"
