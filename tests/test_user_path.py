@@ -197,3 +197,21 @@ def test_summary_cells_carry_the_ci_and_flag_few_seeds():
     assert two == "50.0 ± 14.1 (CI ±127.1*)"
     three = format_cell(summarise_values([0.4, 0.5, 0.6]))  # t(0.975, 2) * 0.1 / sqrt(3)
     assert three == "50.0 ± 10.0 (CI ±24.8)"
+
+
+def test_equal_curves_get_distinct_styles_and_bars_claim_no_missing_hatch(tmp_path, monkeypatch):
+    import fewclip.figures as figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure) or Path(path))
+    summary = {"mean": 0.5, "std": 0.02, "n": 2, "ci95": 0.1}
+    rows = [
+        {"trainer": name, "recipe": "r", "shots": shots, "eval_set": "in-domain", "worst": False,
+         "balanced_accuracy": summary}
+        for name in ("A", "B") for shots in (1, 2)
+    ]  # fmt: skip
+    figures.plot_metric_vs_shots(rows, "balanced_accuracy", tmp_path / "curve.png")
+    lines = drawn[0].axes[0].get_lines()
+    assert len({(line.get_marker(), line.get_linestyle()) for line in lines}) == len(lines) == 2
+    figures.plot_center_bars(rows, "balanced_accuracy", 2, tmp_path / "bars.png")
+    assert drawn[1].axes[0].get_title() == "2 shots per class"  # nothing hatched, none claimed
