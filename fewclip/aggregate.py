@@ -1,8 +1,9 @@
 """Aggregation of a results tree: mean ± std, 95% CI and number of seeds per cell group.
 
 Reads `results.json` files only (never logs). Groups by (dataset, trainer, recipe, shots, eval set),
-where the eval set is the in-domain test split or a target center. Cells the sweep expected (its
-`sweep.json` manifest) but that have no results are listed as missing; failed ones with their error.
+where the eval set is the in-domain test split, a target center or a cross-dataset target. Cells
+the sweep expected (its `sweep.json` manifest) but that have no results are listed as missing;
+failed ones with their error.
 """
 
 from __future__ import annotations
@@ -71,20 +72,24 @@ def metric_value(values: dict[str, Any], metric: str) -> float | None:
 
 
 def eval_sets(metrics: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """ "in-domain" (the test split) and "target:<center>" for every target center."""
+    """ "in-domain" (the test split), "target:<center>" for every target center and
+    "cross:<dataset>" for the cross-dataset evaluation (EVAL.CROSS_DATASET)."""
     sets = {}
     if "test" in metrics:
         sets["in-domain"] = metrics["test"]
     for center, values in metrics.get("targets", {}).items():
         sets[f"target:{center}"] = values
+    cross = metrics.get("cross_dataset")
+    if isinstance(cross, dict):
+        sets[f"cross:{cross.get('dataset', 'dataset')}"] = cross
     return sets
 
 
 def cell_key(record: dict[str, Any]) -> tuple:
-    """(dataset, trainer, recipe, shots) of a complete record."""
+    """(dataset display name, trainer, recipe, shots) of a complete record."""
     cfg = record["config"]
     return (
-        cfg["DATASET"]["NAME"],
+        cfg["DATASET"].get("DISPLAY_NAME") or cfg["DATASET"]["NAME"],
         cfg["TRAINER"]["NAME"],
         cfg["RECIPE"],
         cfg["DATASET"]["NUM_SHOTS"],
@@ -168,10 +173,19 @@ def mark_worst_centers(rows: list[dict[str, Any]], metric: str) -> None:
                 row["worst"] = row[metric]["mean"] == min(means)
 
 
+FEW_SEEDS = 3  # a 95% CI from fewer seeds is flagged: with 2, t(0.975, 1) = 12.7 x std / sqrt 2
+
+
 def format_cell(summary: dict[str, Any], scale: float = 100.0) -> str:
+    """`mean ± std (CI ±half-width)`; one seed has no std or CI (`n/a`), a CI from fewer than
+    FEW_SEEDS seeds is flagged with `*`."""
     if summary["mean"] is None:
         return "-"
-    return f"{summary['mean'] * scale:.1f} ± {summary['std'] * scale:.1f}"
+    mean = f"{summary['mean'] * scale:.1f}"
+    if summary["n"] < 2 or summary["ci95"] is None:
+        return f"{mean} ± n/a (CI n/a)"
+    flag = "*" if summary["n"] < FEW_SEEDS else ""
+    return f"{mean} ± {summary['std'] * scale:.1f} (CI ±{summary['ci95'] * scale:.1f}{flag})"
 
 
 def render_tables(result: dict, metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, str]:
@@ -194,7 +208,11 @@ def render_tables(result: dict, metrics: tuple[str, ...] = DEFAULT_METRICS) -> d
     notes = [f"- failed: {item['path']} ({item['error']})" for item in result["failed"]]
     notes += [f"- incomplete: {item['path']} ({item['status']})" for item in result["incomplete"]]
     notes += [f"- missing: {path}" for path in result["missing"]]
-    caption = "Values are mean ± std over seeds, in percent; (worst) marks the weakest center."
+    caption = (
+        "Values are mean ± std over seeds (CI: half-width of the 95% t-interval), in percent; "
+        f"* marks a CI from fewer than {FEW_SEEDS} seeds (too few to trust); n/a: one seed; "
+        "(worst) marks the weakest center."
+    )
     table_markdown = tabulate(table, headers=headers, tablefmt="github") + "\n\n" + caption
     return {
         "terminal": "\n".join([tabulate(table, headers=headers, tablefmt="simple"), *notes]),

@@ -76,8 +76,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     slurm.add_argument("--wait", action="store_true", help="wait for the jobs, then report")
     parser.add_argument("opts", nargs="*", help="KEY VALUE config overrides (after the flags)")
     split = next((i for i, token in enumerate(argv) if OPT_KEY.match(token)), len(argv))
-    args = parser.parse_args(argv[:split])
-    args.opts = [*args.opts, *argv[split:]]
+    flags, opts, index = list(argv[:split]), [], split
+    while index < len(argv):  # flags may follow the opts too: `... OPTIM.LR 1e-3 --dry-run`
+        if argv[index].startswith("--"):
+            flags.append(argv[index])
+            index += 1
+            while index < len(argv) and not argv[index].startswith("-"):
+                if OPT_KEY.match(argv[index]):
+                    break
+                flags.append(argv[index])  # the flag's values (--shots 1 4)
+                index += 1
+        else:
+            opts += argv[index : index + 2]
+            index += 2
+    args = parser.parse_args(flags)
+    args.opts = [*args.opts, *opts]
     return args
 
 

@@ -11,6 +11,7 @@ import ast
 import difflib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,8 +44,19 @@ CHOICES = {
 }
 
 
+# Datasets whose class says nothing about the data: their display name defaults to the YAML's stem.
+GENERIC_DATASETS = ("ImageFolder", "CSVDataset")
+
+
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names it."""
+
+
+def default_cache_dir() -> str:
+    """The user cache, `$XDG_CACHE_HOME/fewclip` (else `~/.cache/fewclip`), not the working
+    directory: every sweep, from any folder and with any OUTPUT_DIR, reuses one cache, which is
+    safe because every cache key holds all its entries depend on."""
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fewclip")
 
 
 def get_cfg_defaults() -> CfgNode:
@@ -56,7 +68,7 @@ def get_cfg_defaults() -> CfgNode:
     cfg.SEED = 1  # training seed: initialisation, batch order, dropout (not which images are shots)
     cfg.DEVICE = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1"
     cfg.PRECISION = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "fp32", "bf16"
-    cfg.CACHE_DIR = ".cache/fewclip"  # decoded images, features, generated datasets
+    cfg.CACHE_DIR = default_cache_dir()  # decoded images, features, generated datasets
     cfg.PLUGINS = []  # Python files or folders imported before lookup (user datasets/trainers)
     cfg.VERBOSE = False  # log per-step losses
     cfg.TENSORBOARD = False  # TensorBoard scalars (losses, LR, validation) in <run dir>/tensorboard
@@ -68,6 +80,9 @@ def get_cfg_defaults() -> CfgNode:
 
     cfg.DATASET = CfgNode()
     cfg.DATASET.NAME = "SyntheticMultiCenter"  # registered dataset class
+    # name in run folders, tables and figures; "" = the YAML's file stem for generic datasets
+    # (ImageFolder, CSVDataset), the class name otherwise
+    cfg.DATASET.DISPLAY_NAME = ""
     cfg.DATASET.ROOT = ""  # data folder; "" = the dataset's default (generated data: CACHE_DIR)
     cfg.DATASET.NUM_SHOTS = 4  # training images per class (per class and center, see SHOTS_PER)
     cfg.DATASET.SPLIT_SEED = 1  # which images become the few shots and the val/test split
@@ -225,9 +240,17 @@ def check_choice(key: str, value: Any, source: str = "the config") -> None:
         raise ConfigError(f"{key} {value!r} in {source} is not one of {', '.join(CHOICES[key])}")
 
 
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in name.split("_") if part)
+
+
 def _unknown_key(key: str, node: CfgNode, prefix: str, source: str) -> ConfigError:
-    options = [prefix + name for name in node]
-    close = difflib.get_close_matches(prefix + key, options, n=3, cutoff=0.6)
+    """Close matches by abbreviation (LEARNING_RATE -> LR), by the last key part, then whole."""
+    names = list(node)
+    abbreviated = [n for n in names if n == _initials(key) or _initials(n) == key]
+    by_part = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    whole = difflib.get_close_matches(prefix + key, [prefix + n for n in names], n=3, cutoff=0.6)
+    close = list(dict.fromkeys([*(prefix + n for n in abbreviated + by_part), *whole]))[:3]
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return ConfigError(f"unknown config key {prefix + key} in {source}{hint}")
 
@@ -257,9 +280,22 @@ def _parse_opt_value(raw: str, default: Any) -> Any:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
+    if isinstance(default, (list, tuple)) and isinstance(value, str) and raw.lstrip()[:1] == "[":
+        try:  # YAML flow syntax: [NILM, LSIL] or [DATASET.CLASS_NAMES, [NILM, LSIL]], one value
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, list):
+            return [_opt_list_item(item) for item in value]
     if isinstance(default, (list, tuple)) and isinstance(value, str):  # a,b or [a/b.png, c]
         return [part.strip() for part in value.strip("[]() ").split(",") if part.strip()]
     return value
+
+
+def _opt_list_item(item: Any) -> Any:
+    """An item of a YAML list opt; a nested list becomes its literal (`['NILM', 'LSIL']`), which
+    reads back as one value when the item is itself an opt value (EVAL.CROSS_DATASET_OPTS)."""
+    return repr([str(part) for part in item]) if isinstance(item, list) else item
 
 
 def opts_to_dict(opts: Sequence[str], cfg: CfgNode) -> dict[str, Any]:
@@ -344,6 +380,17 @@ def build_config(
     dataset_name = raw_opts.get(
         "DATASET.NAME", _peek("DATASET.NAME", peek_sources, cfg.DATASET.NAME)
     )
+    recipe_trainer = _peek("TRAINER.NAME", [files[-1][1]], "") if recipe else ""
+    if (  # a subclass of the recipe's trainer (a test double, a variant) runs that recipe
+        recipe_trainer
+        and "RECIPE" not in raw_opts
+        and not issubclass(TRAINERS.get(trainer_name), TRAINERS.get(recipe_trainer))
+    ):
+        raise ConfigError(
+            f"TRAINER.NAME {trainer_name} in opts overrides {recipe_trainer} of recipe "
+            f"{recipe}, whose name would file the run: use a recipe of {trainer_name} "
+            "(or set RECIPE to name the variant)"
+        )
     attach_nodes(cfg, trainer_name, dataset_name)
     for source, data in files:
         merge_dict(cfg, data, source)
@@ -354,9 +401,37 @@ def build_config(
         raise ConfigError(
             "TRAINER.NAME and DATASET.NAME must be set at top level of a file or in opts"
         )
+    check_samplers(cfg)
+    cfg.DATASET.DISPLAY_NAME = resolve_display_name(cfg, dataset_config)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def check_samplers(cfg: CfgNode) -> None:
+    """A trainer node's SAMPLER must be a registered sampler: caught here, not inside fit."""
+    from fewclip.registry import SAMPLERS, RegistryError
+
+    for key, node in cfg.TRAINER.items():
+        if isinstance(node, CfgNode) and "SAMPLER" in node and SAMPLERS.names():
+            try:
+                SAMPLERS.get(node.SAMPLER)
+            except RegistryError as error:
+                raise ConfigError(f"TRAINER.{key}.SAMPLER: {error}") from None
+
+
+def resolve_display_name(cfg: CfgNode, dataset_config: str | Path | None) -> str:
+    """DATASET.DISPLAY_NAME, or its default: the dataset YAML's stem for a generic dataset (so two
+    image folders get two names), the registered class name otherwise; path-safe."""
+    name = cfg.DATASET.DISPLAY_NAME
+    if not name:
+        generic = cfg.DATASET.NAME in GENERIC_DATASETS and dataset_config
+        name = Path(dataset_config).stem if generic else cfg.DATASET.NAME
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(
+            f"DATASET.DISPLAY_NAME {name!r} is used as a folder name: no slashes, not . or .."
+        )
+    return name
 
 
 def attach_nodes(cfg: CfgNode, trainer_name: str, dataset_name: str) -> None:

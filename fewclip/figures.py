@@ -16,6 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 DPI = 110
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # hollow, distinct: equal curves stay visible
+DASHES = ("-", "--", "-.", ":")
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
@@ -53,9 +55,11 @@ def plot_metric_vs_shots(rows: list[dict[str, Any]], metric: str, path: str | Pa
             summary = row[metric]
             if row["eval_set"] == eval_set and summary["mean"] is not None:
                 series[_method(row)].append((row["shots"], summary["mean"], summary["std"]))
-        for method, points in sorted(series.items()):
+        for index, (method, points) in enumerate(sorted(series.items())):
             shots, mean, std = (np.array(v, float) for v in zip(*sorted(points)))
-            (line,) = ax.plot(shots, mean * 100, marker="o", label=method)
+            style = {"marker": MARKERS[index % len(MARKERS)], "linestyle": DASHES[index % 4]}
+            style["markersize"] = 9 - 1.5 * (index % 4)  # nested rings where points coincide
+            (line,) = ax.plot(shots, mean * 100, label=method, markerfacecolor="none", **style)
             ax.fill_between(
                 shots, (mean - std) * 100, (mean + std) * 100, color=line.get_color(), alpha=0.2
             )
@@ -94,7 +98,8 @@ def plot_center_bars(rows: list[dict[str, Any]], metric: str, shots: int, path: 
                 bar.set_hatch("//")
     ax.set_xticks(range(len(eval_sets)), eval_sets, rotation=20, ha="right")
     ax.set_ylabel(_label(metric))
-    ax.set_title(f"{shots} shots per class (hatched: worst center)")
+    hatched = any(row.get("worst") for row in rows)
+    ax.set_title(f"{shots} shots per class" + (" (hatched: worst center)" if hatched else ""))
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(figure, path)

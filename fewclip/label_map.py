@@ -9,15 +9,18 @@ each target class. The map is a YAML file:
       light_dysplastic: lsil
       carcinoma_in_situ: hsil
       some_source_class: null   # dropped: its probability is removed, the rest renormalised
+    drop: [scc]                 # optional: target classes left out of the evaluation
 
 Every source class must be declared (mapped or null) and every target class must receive at
-least one source class; otherwise the error names the classes. Nothing is matched by position.
+least one source class, unless `drop` leaves it out: the one way to evaluate on a subset of the
+target's classes (the images of a dropped class are removed and counted, never silently).
+Otherwise the error names the classes. Nothing is matched by position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,7 @@ class LabelMap:
     target_classes: list[str]
     mapping: dict[str, str | None]  # source class -> target class, None = dropped
     source: str = field(default="", compare=False)  # the file it came from (for messages)
+    dropped: list[str] = field(default_factory=list)  # target classes left out (`drop:`)
 
     def matrix(self) -> np.ndarray:
         """(S, T) 0/1 matrix: entry [s, t] = 1 when source class s maps to target class t."""
@@ -53,9 +57,26 @@ def build_label_map(
     source_classes: Sequence[str],
     target_classes: Sequence[str],
     source: str = "",
+    drop: Sequence[str] = (),
 ) -> LabelMap:
-    """Check a source -> target mapping against both class lists and return a LabelMap."""
+    """Check a source -> target mapping against both class lists and return a LabelMap whose
+    target classes are `target_classes` without the `drop`ped ones (in the same order)."""
     where = f" in {source}" if source else ""
+    not_targets = [name for name in drop if name not in target_classes]
+    if not_targets:
+        raise LabelMapError(
+            f"label map{where} drops {', '.join(not_targets)}, which are not target classes "
+            f"({', '.join(target_classes)})"
+        )
+    onto_dropped = sorted(name for name, target in mapping.items() if target in drop)
+    if onto_dropped:
+        raise LabelMapError(
+            f"label map{where} maps {', '.join(onto_dropped)} to a dropped class: map them to "
+            "null or to a kept class"
+        )
+    target_classes = [name for name in target_classes if name not in drop]
+    if not target_classes:
+        raise LabelMapError(f"label map{where} drops every target class")
     undeclared = [name for name in source_classes if name not in mapping]
     if undeclared:
         raise LabelMapError(
@@ -80,20 +101,23 @@ def build_label_map(
     unreached = [name for name in target_classes if name not in reached]
     if unreached:
         raise LabelMapError(
-            f"label map{where} maps no source class to target classes {', '.join(unreached)}"
+            f"label map{where} maps no source class to target classes {', '.join(unreached)} "
+            "(map a source class to each, or leave them out with `drop: [...]`)"
         )
     return LabelMap(
         source_classes=list(source_classes),
         target_classes=list(target_classes),
         mapping={name: mapping[name] for name in source_classes},
         source=source,
+        dropped=list(drop),
     )
 
 
 def load_label_map(
     path: str | Path, source_classes: Sequence[str], target_classes: Sequence[str]
 ) -> LabelMap:
-    """Read a label map YAML (a `mapping:` of source class -> target class or null)."""
+    """Read a label map YAML (a `mapping:` of source class -> target class or null, and an
+    optional `drop:` list of target classes to leave out)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"label map {path} does not exist")
@@ -110,7 +134,28 @@ def load_label_map(
     ]
     if bad:
         raise LabelMapError(f"label map {path}: targets of {', '.join(bad)} must be names or null")
-    return build_label_map(mapping, source_classes, target_classes, str(path))
+    unknown_keys = sorted(set(data) - {"mapping", "drop"})
+    if unknown_keys:
+        raise LabelMapError(
+            f"label map {path}: unknown keys {unknown_keys} (allowed: mapping, drop)"
+        )
+    drop = data.get("drop") or []
+    if not isinstance(drop, list) or not all(isinstance(name, str) for name in drop):
+        raise LabelMapError(f"label map {path}: drop must be a list of target class names")
+    return build_label_map(mapping, source_classes, target_classes, str(path), drop)
+
+
+def select_target_items(items: Sequence[Any], label_map: LabelMap) -> tuple[list[Any], dict]:
+    """The target dataset's items without the dropped classes, relabelled to the kept classes'
+    order; and {dropped class: number of images left out} (every dropped class, 0 included)."""
+    counts = {name: 0 for name in label_map.dropped}
+    kept = []
+    for item in items:
+        if item.class_name in counts:
+            counts[item.class_name] += 1
+        else:
+            kept.append(replace(item, label=label_map.target_classes.index(item.class_name)))
+    return kept, counts
 
 
 def compute_mapped_probabilities(probabilities: np.ndarray, matrix: np.ndarray) -> np.ndarray:

@@ -41,8 +41,11 @@ class Registry:
         if name in self._entries:
             return self._entries[name]
         lowered = {key.lower(): key for key in self._entries}
-        if name.lower() in lowered:
-            return self._entries[lowered[name.lower()]]
+        if name.lower() in lowered:  # never accepted silently: the run would be filed under it
+            raise RegistryError(
+                f"unknown {self.kind} {name!r}: names are case-sensitive; "
+                f"did you mean {lowered[name.lower()]!r}?"
+            )
         if not self._entries:
             raise RegistryError(
                 f"unknown {self.kind} {name!r}: no {self.kind}s are registered. Load the built-in"

@@ -67,7 +67,8 @@ def _run_figures(records: list[dict[str, Any]], root: Path) -> list[str]:
         if not paths:
             continue
         cfg = record["config"]
-        method = (cfg["DATASET"]["NAME"], cfg["TRAINER"]["NAME"], cfg["RECIPE"])
+        dataset = cfg["DATASET"].get("DISPLAY_NAME") or cfg["DATASET"]["NAME"]
+        method = (dataset, cfg["TRAINER"]["NAME"], cfg["RECIPE"])
         rank = (-cfg["DATASET"]["NUM_SHOTS"], cfg["SEED"])
         if method not in examples or rank < examples[method][0]:
             examples[method] = (rank, paths, cfg)

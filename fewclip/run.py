@@ -6,6 +6,7 @@ import contextlib
 import copy
 import fcntl
 import logging
+import os
 import shutil
 import time
 import traceback
@@ -23,7 +24,7 @@ from fewclip.data import DatasetBase, Item
 from fewclip.distributed import broadcast_from_main, is_main_process
 from fewclip.evaluation import evaluate_set, summarise_targets, validation_score
 from fewclip.images import ImageStore, compute_store_items, decoding_seconds
-from fewclip.label_map import evaluate_with_label_map, load_label_map
+from fewclip.label_map import evaluate_with_label_map, load_label_map, select_target_items
 from fewclip.protocol import load_dataset
 from fewclip.registry import DATASETS, TRAINERS
 from fewclip.results import (
@@ -43,7 +44,8 @@ _MODEL_CACHE: dict[tuple[str, str, str], ClipBundle] = {}
 
 
 def resolve_run_dir(cfg: CfgNode) -> Path:
-    """`<OUTPUT_DIR>/<dataset>/<trainer>/<recipe>/shots_<k>[_fraction_<f>]/seed_<s>[_split_<t>]`."""
+    """`<OUTPUT_DIR>/<dataset>/<trainer>/<recipe>/shots_<k>[_fraction_<f>]/seed_<s>[_split_<t>]`,
+    <dataset> being DATASET.DISPLAY_NAME."""
     if cfg.RUN_DIR:
         return Path(cfg.RUN_DIR)
     seed = f"seed_{cfg.SEED}"
@@ -52,7 +54,8 @@ def resolve_run_dir(cfg: CfgNode) -> Path:
     shots = f"shots_{cfg.DATASET.NUM_SHOTS}"
     if cfg.DATASET.TRAIN_FRACTION > 0:  # label-efficiency runs: a share of each class
         shots += f"_fraction_{cfg.DATASET.TRAIN_FRACTION:g}"
-    return Path(cfg.OUTPUT_DIR) / cfg.DATASET.NAME / cfg.TRAINER.NAME / cfg.RECIPE / shots / seed
+    dataset = cfg.DATASET.get("DISPLAY_NAME") or cfg.DATASET.NAME
+    return Path(cfg.OUTPUT_DIR) / dataset / cfg.TRAINER.NAME / cfg.RECIPE / shots / seed
 
 
 def select_device(name: str) -> torch.device:
@@ -80,12 +83,22 @@ def build_image_set(
     cfg: CfgNode,
     store: ImageStore | None = None,
     in_memory: bool = False,
+    skipped: list[str] | None = None,
 ) -> ImageSet:
-    """Decoded images of `items` from the shared store (dropping unreadable ones if configured):
-    a view of the memory map, or (`in_memory`, for the small training set) a copy in memory."""
+    """Decoded images of `items` from the shared store (dropping unreadable ones if configured,
+    each warned and appended to `skipped`): a view of the memory map, or (`in_memory`, for the
+    small training set) a copy in memory."""
     store = store or ImageStore(items, image_size, cfg.CACHE_DIR or None, cfg.INPUT.STORE_SIZE)
     decoded = store.load(items, cfg.DATASET.SKIP_UNREADABLE, in_memory)
     kept_items = [items[i] for i in decoded.kept]
+    if len(kept_items) < len(items):
+        kept_set = set(decoded.kept)
+        for index in (i for i in range(len(items)) if i not in kept_set):
+            LOGGER.warning(
+                "skipping unreadable image %s (DATASET.SKIP_UNREADABLE)", items[index].path
+            )
+            if skipped is not None:
+                skipped.append(items[index].path)
     return ImageSet(
         images=decoded.images,
         labels=np.array([item.label for item in kept_items], dtype=np.int64),
@@ -99,29 +112,64 @@ def build_image_set(
 
 @contextlib.contextmanager
 def cell_lock(run_dir: Path):
-    """Exclusive, non-blocking lock on the cell; yields False when another process holds it."""
+    """Exclusive, non-blocking lock on the cell; yields False when another process holds it.
+
+    run.lock is removed when the run ends (while still locked). A process that opened the file
+    just before the removal finds its lock on a deleted file and takes a fresh one, so two runs
+    never hold one cell."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "run.lock", "w") as handle:
+    path = run_dir / "run.lock"
+    while True:
+        handle = open(path, "w")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
             yield False
             return
         try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(handle.fileno()).st_ino:
+            break
+        handle.close()  # locked a file another run removed: lock the one now at the path
+    try:
+        yield True
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
-def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase):
-    """(other dataset, label map) for EVAL.CROSS_DATASET, or None; errors name the classes."""
+def load_cross_dataset(cfg: CfgNode, dataset: DatasetBase) -> dict[str, Any] | None:
+    """EVAL.CROSS_DATASET's dataset, label map and items (its `drop`ped classes left out and
+    counted), or None; errors name the classes. Checked before training: it fails early."""
     if not cfg.EVAL.CROSS_DATASET:
         return None
     if not cfg.EVAL.LABEL_MAP:
         raise ValueError("EVAL.CROSS_DATASET is set but EVAL.LABEL_MAP is empty: declare the map")
     opts = ["CACHE_DIR", cfg.CACHE_DIR, "OUTPUT_DIR", cfg.OUTPUT_DIR, *cfg.EVAL.CROSS_DATASET_OPTS]
     other = load_dataset(cfg.EVAL.CROSS_DATASET, opts)
-    return other, load_label_map(cfg.EVAL.LABEL_MAP, dataset.class_names, other.class_names)
+    label_map = load_label_map(cfg.EVAL.LABEL_MAP, dataset.class_names, other.class_names)
+    items, dropped = select_target_items(other.items, label_map)
+    if dropped:
+        counts = ", ".join(f"{count} {name}" for name, count in dropped.items())
+        LOGGER.warning("cross-dataset %s: label map drops %s images", other.root, counts)
+    if not items:
+        raise ValueError(f"cross-dataset {cfg.EVAL.CROSS_DATASET}: no images left after drop")
+    return {
+        "dataset": other,
+        "label_map": label_map,
+        "items": items,
+        "block": {
+            "dataset": other.cfg.DATASET.get("DISPLAY_NAME") or other.name,
+            "dataset_config": str(cfg.EVAL.CROSS_DATASET),
+            "root": str(other.root),
+            "class_names": list(label_map.target_classes),
+            "dropped": {"classes": list(dropped), "images": dropped},
+        },
+    }
 
 
 class OutputError(OSError):
@@ -195,8 +243,17 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             cfg.CACHE_DIR or None,
             cfg.INPUT.STORE_SIZE,  # training crops and multi-view windows are cut from these
         )
-        train = build_image_set(split.train, bundle.image_size, cfg, store, in_memory=True)
-        val = build_image_set(split.val, bundle.image_size, cfg, store) if split.val else None
+        skipped: dict[str, list[str]] = {}  # eval set -> unreadable files left out
+        train = build_image_set(
+            split.train, bundle.image_size, cfg, store, True, skipped.setdefault("train", [])
+        )
+        val = (
+            build_image_set(
+                split.val, bundle.image_size, cfg, store, False, skipped.setdefault("val", [])
+            )
+            if split.val
+            else None
+        )
         timings["decode_train_val_seconds"] = time.perf_counter() - tick
         tick = time.perf_counter()
         fit_report = trainer.fit(train, val, validation_score)
@@ -208,9 +265,22 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
             tmp.replace(checkpoint)
         tick = time.perf_counter()
-        test = build_image_set(split.test, bundle.image_size, cfg, store) if split.test else None
+        test = (
+            build_image_set(
+                split.test, bundle.image_size, cfg, store, False, skipped.setdefault("test", [])
+            )
+            if split.test
+            else None
+        )
         target_sets = {
-            center: build_image_set(items, bundle.image_size, cfg, store)
+            center: build_image_set(
+                items,
+                bundle.image_size,
+                cfg,
+                store,
+                False,
+                skipped.setdefault(f"target:{center}", []),
+            )
             for center, items in split.targets.items()
         }
         timings["decode_test_seconds"] = time.perf_counter() - tick
@@ -245,11 +315,16 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             metrics["targets"] = targets
             metrics["targets_summary"] = summarise_targets(targets, HEADLINE)
         if cross is not None:
-            cross_dataset, label_map = cross
-            cross_set = build_image_set(cross_dataset.items, bundle.image_size, cfg)
-            metrics["cross_dataset"] = evaluate_with_label_map(
-                trainer, cross_set, label_map, cross_dataset.positive_classes, cfg.EVAL.ECE_BINS
+            label_map = cross["label_map"]
+            kept = [c for c in cross["dataset"].positive_classes if c not in label_map.dropped]
+            cross_files = skipped.setdefault(f"cross:{cross['block']['dataset']}", [])
+            cross_set = build_image_set(
+                cross["items"], bundle.image_size, cfg, None, False, cross_files
             )
+            metrics["cross_dataset"] = {
+                **cross["block"],
+                **evaluate_with_label_map(trainer, cross_set, label_map, kept, cfg.EVAL.ECE_BINS),
+            }
         if test is not None and hasattr(trainer, "save_artifacts") and is_main_process():
             trainer.save_artifacts(run_dir, test)  # e.g. CaM-VLA attention maps
         timings["evaluate_seconds"] = time.perf_counter() - tick
@@ -268,6 +343,11 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             },
             "weights": bundle.identity,
             "class_names": list(dataset.class_names),
+            "skipped_unreadable": {
+                "count": sum(len(files) for files in skipped.values()),
+                "by_set": {name: len(files) for name, files in skipped.items() if files},
+                "files": sorted({path for files in skipped.values() for path in files}),
+            },
             "timings": timings,
         }
     except DivergedError as error:

@@ -50,15 +50,22 @@ def sample_few_shot(
     strata: dict[tuple[str, str], list[Item]] = defaultdict(list)
     for item in items:
         strata[(item.class_name, item.center if per == "class_center" else "")].append(item)
+    short = [
+        (f"{class_name!r}" + (f" in center {center!r}" if center else ""), len(members))
+        for (class_name, center), members in sorted(strata.items())
+        if len(members) < num_shots
+    ]
+    if short and insufficient == "error":  # every short class at once, with its image count
+        fix = "(lower DATASET.NUM_SHOTS or set DATASET.INSUFFICIENT_SHOTS take_all)"
+        if len(short) == 1:
+            name, count = short[0]
+            raise SplitError(
+                f"class {name} has {count} training images, fewer than {num_shots} shots {fix}"
+            )
+        listed = ", ".join(f"{name} ({count} training images)" for name, count in short)
+        raise SplitError(f"classes {listed} have fewer than {num_shots} shots {fix}")
     chosen: list[Item] = []
     for (class_name, center), members in sorted(strata.items()):
-        if len(members) < num_shots and insufficient == "error":
-            where = f" in center {center!r}" if center else ""
-            raise SplitError(
-                f"class {class_name!r}{where} has {len(members)} training images, fewer than "
-                f"{num_shots} shots (lower DATASET.NUM_SHOTS or set "
-                "DATASET.INSUFFICIENT_SHOTS take_all)"
-            )
         chosen.extend(_shuffled(members, seed, f"{class_name}/{center}")[:num_shots])
     return sorted(chosen, key=lambda item: (item.label, item.center, item.path))
 

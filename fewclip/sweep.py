@@ -30,6 +30,7 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from fewclip.config import ConfigError, build_config
+from fewclip.preflight import check_datasets, check_run_folders
 from fewclip.registry import loaded_plugins, restore_plugins
 
 LOGGER = logging.getLogger(__name__)
@@ -172,6 +173,8 @@ def build_sweep(
     if leave_one_center_out or spec.get("leave_one_center_out"):
         cells = expand_center_folds(cells)
     configs = [build_cell_config(cell) for cell in cells]
+    check_run_folders(cells, configs)
+    check_datasets(cells, configs)
     root = Path(configs[0].OUTPUT_DIR) if configs else Path("output")
     return Sweep(cells, configs, root, dict(spec.get("slurm") or {}))
 

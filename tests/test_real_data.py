@@ -91,3 +91,30 @@ def test_cross_magnification_run_100x_to_400x(tmp_path):
         assert 0.0 <= metrics["targets"]["400x"][key] <= 1.0
     assert "binary" in metrics["targets"]["400x"]
     assert metrics["targets_summary"]["balanced_accuracy"]["worst_center"] == "400x"
+
+
+def test_herlev_to_its_bethesda_view_is_a_cross_row_in_the_report(tmp_path):
+    from fewclip.report import write_report
+    from fewclip.sweep import build_sweep, run_cells
+
+    root = str(REAL_DATA / "herlev")
+    cross_opts = f"[DATASET.ROOT, {root}, DATASET.HERLEV.VIEW, bethesda]"
+    opts = ["DATASET.ROOT", root, "OUTPUT_DIR", str(tmp_path / "out"), "CACHE_DIR",
+            str(tmp_path / "cache"), "MODEL.NAME", "tiny-vit", "EVAL.CROSS_DATASET",
+            "configs/datasets/herlev.yaml", "EVAL.CROSS_DATASET_OPTS", cross_opts,
+            "EVAL.LABEL_MAP", "configs/label_maps/herlev7_to_bethesda3.yaml"]  # fmt: skip
+    sweep = build_sweep(
+        None,
+        ["configs/datasets/herlev.yaml"],
+        ["configs/trainers/zeroshot.yaml"],
+        [1],
+        [1, 2],
+        opts,
+    )
+    results = run_cells(sweep.cells)
+    assert all(r["status"] == "complete" for r in results), results[0].get("error")
+    cross = results[0]["metrics"]["cross_dataset"]
+    assert cross["dataset"] == "Herlev" and cross["num_samples"] == 917
+    assert cross["class_names"] == ["normal", "lsil", "hsil"] and cross["root"] == root
+    _, table = write_report(sweep.root)
+    assert "cross:Herlev" in table and "cross:Herlev" in (sweep.root / "summary.csv").read_text()

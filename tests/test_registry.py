@@ -28,7 +28,8 @@ def test_unknown_name_names_closest_match_and_lists_all():
     message = str(error.value)
     assert "Did you mean 'CLIPLoRA'" in message
     assert "ZeroShotCLIP" in message and "LinearProbe" in message
-    assert TRAINERS.get("cliplora") is TRAINERS.get("CLIPLoRA")  # case-insensitive match
+    with pytest.raises(RegistryError, match="case-sensitive; did you mean 'CLIPLoRA'"):
+        TRAINERS.get("ClipLoRA")  # never accepted silently: it would name the run folder
 
 
 def test_plugin_file_outside_repo_registers_a_dataset(tmp_path):

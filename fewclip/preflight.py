@@ -1,0 +1,61 @@
+"""Checks a sweep runs once, after expanding its cells and before the first one: run folders
+that two cells would share, and each distinct dataset (and cross-dataset target) parsed once, so
+a bad ROOT or label map is one error naming the YAML, not one per cell."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from yacs.config import CfgNode
+
+from fewclip.config import ConfigError
+
+
+def check_run_folders(cells: Sequence[Any], configs: Sequence[CfgNode]) -> None:
+    """Two cells (fewclip.sweep.Cell) that would write one run folder are an error naming both
+    dataset YAMLs and the fix (e.g. two ImageFolder YAMLs given one DATASET.DISPLAY_NAME),
+    before anything runs."""
+    from fewclip.run import resolve_run_dir
+
+    seen: dict[Path, Any] = {}
+    for cell, cfg in zip(cells, configs):
+        run_dir = resolve_run_dir(cfg)
+        if run_dir in seen:
+            first = seen[run_dir]
+            raise ConfigError(
+                f"two cells would share the run folder {run_dir}: {first.dataset_config or '-'} "
+                f"({first.describe()}) and {cell.dataset_config or '-'} ({cell.describe()}); "
+                "give the datasets distinct DATASET.DISPLAY_NAME values (or drop the repeat)"
+            )
+        seen[run_dir] = cell
+
+
+# DATASET keys that choose the few shots of a cell, not which items the dataset parses
+_SPLIT_ONLY_KEYS = ("NUM_SHOTS", "SPLIT_SEED", "TRAIN_FRACTION", "VAL_SHOTS", "DISPLAY_NAME")
+
+
+def check_datasets(cells: Sequence[Any], configs: Sequence[CfgNode]) -> None:
+    """Parse each distinct dataset (and cross-dataset target with its label map) once, before the
+    first cell: a bad ROOT, class or label map is one error naming the YAML, not one per cell."""
+    from fewclip.config import config_to_dict
+    from fewclip.registry import DATASETS
+    from fewclip.run import load_cross_dataset
+
+    checked: set[str] = set()
+    for cell, cfg in zip(cells, configs):
+        data = {k: v for k, v in config_to_dict(cfg.DATASET).items() if k not in _SPLIT_ONLY_KEYS}
+        cross = [cfg.EVAL.CROSS_DATASET, cfg.EVAL.LABEL_MAP, list(cfg.EVAL.CROSS_DATASET_OPTS)]
+        key = json.dumps([cfg.CACHE_DIR, data, cross], sort_keys=True, default=str)
+        if key in checked:
+            continue
+        checked.add(key)
+        where = cell.dataset_config or cfg.DATASET.NAME
+        try:
+            dataset = DATASETS.get(cfg.DATASET.NAME)(cfg)
+            load_cross_dataset(cfg, dataset)
+        except Exception as error:  # the one message for every cell of this dataset
+            message = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"dataset {where}: {message}") from None
