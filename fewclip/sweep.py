@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from tqdm import tqdm
 from yacs.config import CfgNode
@@ -255,6 +254,8 @@ _CURRENT: int | None = None
 def _init_worker(threads: int, events: str, plugins: dict[str, list[str]]) -> None:
     global _EVENTS
     _EVENTS = Path(events)
+    import torch  # not at the top: `fewclip --help` and `--dry-run` import this module
+
     restore_plugins(plugins)  # the datasets and trainers the parent registered
     torch.set_num_threads(threads)
     signal.signal(signal.SIGTERM, _on_terminate)
