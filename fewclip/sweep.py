@@ -30,6 +30,12 @@ from yacs.config import CfgNode
 
 from fewclip.config import ConfigError, build_config
 from fewclip.registry import loaded_plugins, restore_plugins
+from fewclip.threads import (
+    available_cpus,
+    configure_run_threads,
+    set_torch_threads,
+    threads_per_worker,
+)
 
 LOGGER = logging.getLogger(__name__)
 SWEEP_KEYS = {
@@ -240,6 +246,7 @@ def run_cell(cell: Cell, extra_opts: Sequence[str] = ()) -> dict[str, Any]:
 
     try:
         cfg = build_cell_config(cell, extra_opts)
+        configure_run_threads(int(cfg.PERF.THREADS))
     except Exception as error:  # a bad cell config is that cell's failure, reported in one line
         return {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": None}
     return execute_run(cfg)
@@ -254,10 +261,8 @@ _CURRENT: int | None = None
 def _init_worker(threads: int, events: str, plugins: dict[str, list[str]]) -> None:
     global _EVENTS
     _EVENTS = Path(events)
-    import torch  # not at the top: `fewclip --help` and `--dry-run` import this module
-
     restore_plugins(plugins)  # the datasets and trainers the parent registered
-    torch.set_num_threads(threads)
+    set_torch_threads(threads, automatic=True)  # before any torch work: inter-op threads too
     signal.signal(signal.SIGTERM, _on_terminate)
 
 
@@ -310,7 +315,7 @@ def _run_pool(
     and was not terminated by the pool), the others are run again in a fresh pool.
     """
     context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_worker(available_cpus(), jobs)  # this process's CPUs, not the machine's
     indices = list(range(len(cells)))
     while indices:
         broken: list[int] = []

@@ -14,6 +14,8 @@ The baseline is `python -c "import torch, open_clip"` (and `import torch` alone 
   bare imports + its own model compute (results.json train_seconds + evaluate_seconds).
 
 Targets: `--help` < 1.5x `import torch`; the run <= 1.1x (bare imports + model compute).
+`--neighbours` instead times a 2-cell sweep idle and with one CPU-burning process per usable
+CPU (target: <= 2.5x).
 """
 
 from __future__ import annotations
@@ -114,15 +116,64 @@ def report(rows: dict[str, list[float]], repeats: int) -> str:
     return "\n".join(lines)
 
 
+def burn() -> None:
+    """A CPU-burning neighbour: spin until killed."""
+    while True:
+        pass
+
+
+def measure_neighbours(repeats: int, work: Path) -> str:
+    """A small sweep (2 seeds of the tiny run, --jobs 1) idle vs one busy neighbour per usable
+    CPU, interleaved; the ratio of the medians (target <= 2.5x)."""
+    from fewclip.threads import available_cpus
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cpus = available_cpus()
+    seeds = TINY_RUN.index("--seeds")
+    sweep = [*TINY_RUN[:seeds], "--seeds", "1", "2", *TINY_RUN[seeds + 2 :]]
+    sweep += ["CACHE_DIR", str(work / "sweep-cache")]
+    times: dict[str, list[float]] = {"idle": [], "loaded": []}
+    for repeat in range(repeats + 1):  # repeat 0 warms the cache (images, split files)
+        for state in ("idle", "loaded"):
+            command = [sys.executable, "run_shell.py", *sweep]
+            command += ["OUTPUT_DIR", str(work / f"sweep-{state}-{repeat}")]
+            burners = [
+                subprocess.Popen([sys.executable, __file__, "--burn"])
+                for _ in range(cpus if state == "loaded" else 0)
+            ]
+            try:
+                seconds, _ = timed(command, env)
+            finally:
+                for burner in burners:
+                    burner.kill()
+                    burner.wait()
+            if repeat:
+                times[state].append(seconds)
+            if not repeat:
+                break
+    idle, loaded = (statistics.median(times[state]) for state in ("idle", "loaded"))
+    return (
+        f"2-cell sweep, {cpus} usable CPUs: idle {idle:.2f} s, with {cpus} busy neighbours"
+        f" {loaded:.2f} s: {loaded / idle:.2f}x (target <= 2.5x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
     parser.add_argument("--work", default="", help="folder for runs (default: a temporary one)")
+    parser.add_argument("--neighbours", action="store_true", help="only: idle vs busy sweep")
+    parser.add_argument("--burn", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.burn:
+        burn()
     with tempfile.TemporaryDirectory(prefix="fewclip-startup-") as temporary:
         work = Path(args.work or temporary)
         work.mkdir(parents=True, exist_ok=True)
-        print(report(measure(args.repeats, work), args.repeats))
+        if args.neighbours:
+            print(measure_neighbours(args.repeats, work))
+        else:
+            print(report(measure(args.repeats, work), args.repeats))
 
 
 if __name__ == "__main__":
