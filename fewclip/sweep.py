@@ -240,8 +240,9 @@ def write_manifest(root: str | Path, configs: Sequence[CfgNode]) -> Path:
     return path
 
 
-def run_cell(cell: Cell, extra_opts: Sequence[str] = ()) -> dict[str, Any]:
-    """Run one cell in this process; a config error is this cell's failure, not the sweep's."""
+def run_cell(cell: Cell, extra_opts: Sequence[str] = (), decode_all: bool = True) -> dict[str, Any]:
+    """Run one cell in this process; a config error is this cell's failure, not the sweep's.
+    decode_all False: a one-off run decodes only the images it reads (see execute_run)."""
     from fewclip.run import execute_run
 
     try:
@@ -249,7 +250,7 @@ def run_cell(cell: Cell, extra_opts: Sequence[str] = ()) -> dict[str, Any]:
         configure_run_threads(int(cfg.PERF.THREADS))
     except Exception as error:  # a bad cell config is that cell's failure, reported in one line
         return {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": None}
-    return execute_run(cfg)
+    return execute_run(cfg, decode_all)
 
 
 # Worker side: the folder where a worker marks the cell it starts (`<index>.started`) and, when
@@ -372,7 +373,7 @@ def run_cells(cells: Sequence[Cell], extra_opts: Sequence[str] = (), jobs: int =
 
     if jobs <= 1:
         for index, cell in enumerate(cells):
-            record(index, run_cell(cell, extra))
+            record(index, run_cell(cell, extra, decode_all=len(cells) > 1))
     else:
         _run_pool(cells, extra, jobs, record)
     bar.close()

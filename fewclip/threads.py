@@ -95,6 +95,5 @@ def configure_run_threads(override: int) -> int:
     if override < 0:
         raise ValueError(f"PERF.THREADS must be 0 (automatic) or a positive count, got {override}")
     threads = override or _AUTOMATIC or threads_per_worker(available_cpus(), 1)
-    if threads != _CONFIGURED:
-        set_torch_threads(threads, automatic=not override and _AUTOMATIC is None)
+    set_torch_threads(threads, automatic=not override and _AUTOMATIC is None)
     return threads
