@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 from tabulate import tabulate
 
 DEFAULT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
@@ -56,6 +55,8 @@ def summarise_values(values: list[float]) -> dict[str, float | int | None]:
     n = len(values)
     if n == 0:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
+    from scipy import stats  # here, not at the top: `fewclip --help` imports this module
+
     mean = float(np.mean(values))
     std = float(np.std(values, ddof=1)) if n > 1 else 0.0
     ci = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else None

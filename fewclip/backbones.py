@@ -17,11 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 from torch import nn
 from yacs.config import CfgNode
 
@@ -64,6 +60,11 @@ class ClipBundle:
 
 def build_clip(model_cfg: CfgNode) -> ClipBundle:
     """Build the model named by a MODEL config node (NAME, PRETRAINED, HF_HUB)."""
+    # open_clip is imported by the functions that build a model, not at the top: `fewclip
+    # --dry-run` and a config error import this module and never build one.
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
     if model_cfg.HF_HUB:
         model, tokenizer, identity = _build_from_hub(model_cfg.HF_HUB)
     else:
@@ -97,6 +98,9 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
 
 def _build_named(name: str, pretrained: str) -> tuple[nn.Module, Callable, str]:
     """Architecture from a tiny config or an open_clip name; weights from PRETRAINED."""
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
     if name not in TINY_CONFIGS and name not in open_clip.list_models():
         raise ValueError(
             f"MODEL.NAME {name!r} is neither a built-in tiny config ({', '.join(TINY_CONFIGS)})"
@@ -141,6 +145,9 @@ def _build_named(name: str, pretrained: str) -> tuple[nn.Module, Callable, str]:
 
 
 def _create_architecture(name: str, quick_gelu: bool, preprocess: dict[str, Any]) -> nn.Module:
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
     if name in TINY_CONFIGS:
         config = TINY_CONFIGS[name]
         model = open_clip.CLIP(**config, quick_gelu=quick_gelu)
@@ -182,6 +189,8 @@ def _resolve_tag(name: str, tag: str, tag_cfg: dict[str, Any]) -> Path:
             f" and this machine is offline: on a machine with internet {fetch}, or set"
             " MODEL.PRETRAINED to the checkpoint file"
         )
+    import open_clip
+
     return Path(open_clip.download_pretrained(tag_cfg))
 
 
@@ -203,6 +212,8 @@ def _build_from_hub(hub_id: str) -> tuple[nn.Module, Callable, str]:
             " HF_HOME"
         )
     snapshot = config.parent
+    import open_clip
+
     try:
         model = _seeded(
             lambda: open_clip.create_model(

@@ -22,24 +22,12 @@ import logging
 import sys
 from pathlib import Path
 
-from fewclip import distributed
+# Only light modules at the top: importing this module and `--help` never import torch, and
+# `--dry-run` or a config error never import open_clip, peft, scipy or matplotlib (test_startup.py).
 from fewclip.aggregate import PRIMARY_METRIC, write_summary
 from fewclip.config import OPT_KEY, ConfigError
-from fewclip.launchers import (
-    LAUNCHERS,
-    resolve_slurm_options,
-    submit_cells,
-    wait_for_jobs,
-)
+from fewclip.launchers import LAUNCHERS
 from fewclip.registry import RegistryError, load_installed_plugins
-from fewclip.report import write_report
-from fewclip.sweep import (
-    build_sweep,
-    cell_statuses,
-    describe_cells,
-    run_cells,
-    write_manifest,
-)
 
 # The project folder of an editable install (pip install -e .): configs/ lives beside fewclip/.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -97,16 +85,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run(argv: list[str] | None = None) -> int:
     """The command line on `argv` (default: sys.argv[1:]); returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    load_installed_plugins()  # the built-in datasets and trainers, and installed plugin packages
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    distributed.init_from_env()  # under torchrun: join the process group, one run at a time
-    if args.aggregate:
+    if args.aggregate:  # reads results.json files only: no plugins, no torch
         print(write_summary(args.aggregate)["terminal"])
         return 0
     if args.report:
+        from fewclip.report import write_report
+
         path, table = write_report(args.report, primary=args.metric, compare_with=args.compare)
         print(f"{table}\n\nreport: {path}")
         return 0
+    load_installed_plugins()  # the built-in datasets and trainers, and installed plugin packages
+    from fewclip import distributed
+    from fewclip.sweep import build_sweep, cell_statuses, describe_cells, run_cells, write_manifest
+
+    distributed.init_from_env()  # under torchrun: join the process group, one run at a time
     sweep_file = args.sweep or (None if args.recipe or args.dataset_config else DEMO_SWEEP)
     if sweep_file == DEMO_SWEEP and not DEMO_SWEEP.is_file():
         raise ConfigError(
@@ -138,6 +131,8 @@ def run(argv: list[str] | None = None) -> int:
             raise ConfigError("under torchrun the processes share each run: use --jobs 1")
         results = run_cells(cells, jobs=args.jobs)
     else:
+        from fewclip.launchers import resolve_slurm_options, submit_cells, wait_for_jobs
+
         flags = {"partition": args.partition, "gpus": args.gpus, "time": args.time}
         options = resolve_slurm_options(
             sweep.slurm, {**flags, "array_parallelism": args.array_parallelism}
@@ -151,6 +146,8 @@ def run(argv: list[str] | None = None) -> int:
         results = wait_for_jobs(jobs)
     if not distributed.is_main_process():
         return 0
+    from fewclip.report import write_report  # matplotlib and scipy: only once cells have run
+
     path, table = write_report(sweep.root, primary=args.metric, compare_with=args.compare)
     print(f"{table}\n\nsummary: {sweep.root / 'summary.md'}, report: {path}")
     failed = [r for r in results if r.get("status") not in ("complete", "locked")]

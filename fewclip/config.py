@@ -151,6 +151,7 @@ def get_cfg_defaults() -> CfgNode:
     cfg.PERF.CHANNELS_LAST = False  # channels_last images and conv weights (conv stems on GPU)
     cfg.PERF.COMPILE = False  # torch.compile the image tower: minutes to compile, for long runs
     cfg.PERF.DEVICE_IMAGES_MB = 1024  # training images up to this size stay on the GPU
+    cfg.PERF.THREADS = 0  # torch threads; 0 = usable CPUs (affinity, SLURM, cgroup) / --jobs
 
     cfg.TRAINER = CfgNode()
     cfg.TRAINER.NAME = "CLIPLoRA"  # registered trainer class

@@ -40,7 +40,7 @@ from PIL import Image
 
 from fewclip.config import ConfigError
 from fewclip.data import ImageError, Item, load_image
-from fewclip.stores import FAILED, FILLED, RowStore
+from fewclip.stores import EMPTY, FAILED, FILLED, RowStore
 
 LOGGER = logging.getLogger(__name__)
 RESIZE_RECIPE = "short-side-bicubic+center-crop+v1"
@@ -217,7 +217,9 @@ class DecodedImages:
 
 class ImageStore:
     """Decoded images of `items` for a model input of `image_size`, stored at `store_size`
-    (INPUT.STORE_SIZE; 0 = `image_size`); `cache_dir` None = decode in memory only."""
+    (INPUT.STORE_SIZE; 0 = `image_size`); `cache_dir` None = decode in memory only.
+    `decode_all` False (a one-off run): decode only the rows read, not every evaluation row; the
+    key and the rows are the same, so a later sweep fills in the rest."""
 
     def __init__(
         self,
@@ -225,6 +227,7 @@ class ImageStore:
         image_size: int,
         cache_dir: str | Path | None,
         store_size: int = 0,
+        decode_all: bool = True,
     ) -> None:
         self.stored_size = check_store_size(store_size, image_size)  # before any decoding
         self.items = sorted({item.path: item for item in items}.values(), key=lambda i: i.path)
@@ -240,7 +243,8 @@ class ImageStore:
             else None
         )
         self.eager = np.array(
-            [row for row, item in enumerate(self.items) if item.split != "train"], np.int64
+            [row for row, item in enumerate(self.items) if decode_all and item.split != "train"],
+            np.int64,
         )
 
     def ensure(self, rows: np.ndarray) -> None:
@@ -248,6 +252,7 @@ class ImageStore:
         if self.rows is None:
             raise RuntimeError("ImageStore.ensure needs a cache folder")
         todo = np.union1d(self.eager, rows).astype(np.int64)
+        todo = todo[self.rows.states(todo) == EMPTY]  # decode missing rows only (not chunk-mates)
         chunks = [todo[start : start + CHUNK_ROWS] for start in range(0, len(todo), CHUNK_ROWS)]
         self.rows.fill(
             chunks,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import submitit
+from typing import TYPE_CHECKING, Any
 
 from fewclip.config import ConfigError
 from fewclip.registry import loaded_plugins, restore_plugins
 from fewclip.sweep import Cell, run_cell
+
+if TYPE_CHECKING:  # submitit is imported where a job is submitted, not by `fewclip --help`
+    import submitit
 
 LOGGER = logging.getLogger(__name__)
 LAUNCHERS = ("local", "slurm", "submitit-local")
@@ -52,8 +53,11 @@ def resolve_slurm_options(spec: dict[str, Any], overrides: dict[str, Any]) -> di
     return options
 
 
-class CellTask(submitit.helpers.Checkpointable):
+class CellTask:
     """One array task: run one cell (skips it when complete; resumes from its checkpoint).
+
+    On preemption or timeout submitit calls `checkpoint` and requeues what it returns (the same
+    duck-typed protocol as submitit.helpers.Checkpointable, without importing submitit here).
 
     It carries the plugin modules and paths of the submitting process and loads them first, so
     the task knows the same datasets and trainers (fewclip must be installed where it runs).
@@ -68,11 +72,19 @@ class CellTask(submitit.helpers.Checkpointable):
         keep = ("status", "error", "run_dir", "skipped")
         return {key: result[key] for key in keep if key in result}
 
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Requeue this task with the same arguments (run_cell resumes from its checkpoint)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
 
 def build_executor(launcher: str, folder: str | Path, options: dict[str, Any]) -> submitit.Executor:
     """A submitit executor for "slurm" or "submitit-local" with the resolved options."""
     if launcher not in ("slurm", "submitit-local"):
         raise ConfigError(f"unknown launcher {launcher!r}; choose one of {list(LAUNCHERS)}")
+    import submitit
+
     cluster = "slurm" if launcher == "slurm" else "local"
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     parameters: dict[str, Any] = {

@@ -16,8 +16,6 @@ import re
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -122,6 +120,8 @@ def apply_lora(model: nn.Module, lora_cfg: CfgNode) -> list[str]:
     selected = select_lora_modules(model, lora_cfg)
     names = [name for encoder_names in selected.values() for name in encoder_names]
     text_rank = lora_cfg.TEXT_RANK or lora_cfg.RANK
+    from peft import LoraConfig, inject_adapter_in_model  # here: `fewclip --dry-run` skips peft
+
     config = LoraConfig(
         r=lora_cfg.RANK,
         lora_alpha=lora_cfg.ALPHA,
@@ -198,6 +198,8 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA delta into its base Linear and put the plain Linear back in its place."""
+    from peft.tuners.lora import LoraLayer
+
     wrapped = [
         (name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)
     ]

@@ -12,13 +12,6 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    cohen_kappa_score,
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
 
 ROW_SUM_TOLERANCE = 1e-3
 NLL_EPSILON = 1e-12
@@ -113,6 +106,8 @@ def _validate(
 
 def _auroc_one_vs_rest(probabilities: np.ndarray, labels: np.ndarray) -> float | None:
     """Macro one-vs-rest AUROC over the classes present in labels; None if fewer than 2."""
+    from sklearn.metrics import roc_auc_score  # here: `fewclip --dry-run` skips sklearn
+
     present = np.unique(labels)
     if present.size < 2:
         return None
@@ -140,6 +135,8 @@ def _binary_metrics(
     class_names: Sequence[str],
     positive_classes: Sequence[str],
 ) -> dict:
+    from sklearn.metrics import roc_auc_score
+
     names = list(class_names)
     if isinstance(positive_classes, str):
         positive_classes = [positive_classes]
@@ -185,6 +182,13 @@ def compute_metrics(
     balanced_accuracy and auroc average over the classes present in labels.
     Raises ValueError with a one-line message on malformed input.
     """
+    from sklearn.metrics import (
+        balanced_accuracy_score,
+        cohen_kappa_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
     probabilities, labels = _validate(probabilities, labels, class_names, ece_bins)
     num_classes = probabilities.shape[1]
     class_ids = list(range(num_classes))

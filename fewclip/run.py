@@ -193,8 +193,11 @@ def check_output_writable(run_dir: Path) -> None:
         raise OutputError(f"output folder {run_dir} has only {free // 2**20} MiB free")
 
 
-def execute_run(cfg: CfgNode) -> dict[str, Any]:
-    """Run one cell unless its results are complete; return its results (or a skip notice)."""
+def execute_run(cfg: CfgNode, decode_all: bool = True) -> dict[str, Any]:
+    """Run one cell unless its results are complete; return its results (or a skip notice).
+
+    decode_all: decode every image the sweep's splits can touch on first use (a sweep), or
+    False (a one-off run) only the images this run reads; the store and its key are the same."""
     run_dir = resolve_run_dir(cfg)
     config_hash = compute_config_hash(cfg)
     previous = broadcast_from_main(read_results(run_dir))  # torchrun: rank 0 decides for all
@@ -213,10 +216,12 @@ def execute_run(cfg: CfgNode) -> dict[str, Any]:
             return {"status": "locked", "run_dir": str(run_dir), "skipped": True}
         if is_main_process():  # under torchrun only rank 0 writes the run's files
             (run_dir / "config.yaml").write_text(cfg.dump())
-        return _run_locked(cfg, run_dir, config_hash)
+        return _run_locked(cfg, run_dir, config_hash, decode_all)
 
 
-def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]:
+def _run_locked(
+    cfg: CfgNode, run_dir: Path, config_hash: str, decode_all: bool = True
+) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     base = {
@@ -242,6 +247,7 @@ def _run_locked(cfg: CfgNode, run_dir: Path, config_hash: str) -> dict[str, Any]
             bundle.image_size,
             cfg.CACHE_DIR or None,
             cfg.INPUT.STORE_SIZE,  # training crops and multi-view windows are cut from these
+            decode_all,
         )
         skipped: dict[str, list[str]] = {}  # eval set -> unreadable files left out
         train = build_image_set(

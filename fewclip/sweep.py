@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from tqdm import tqdm
 from yacs.config import CfgNode
@@ -32,6 +31,12 @@ from yacs.config import CfgNode
 from fewclip.config import ConfigError, build_config
 from fewclip.preflight import check_datasets, check_run_folders
 from fewclip.registry import loaded_plugins, restore_plugins
+from fewclip.threads import (
+    available_cpus,
+    configure_run_threads,
+    set_torch_threads,
+    threads_per_worker,
+)
 
 LOGGER = logging.getLogger(__name__)
 SWEEP_KEYS = {
@@ -238,15 +243,17 @@ def write_manifest(root: str | Path, configs: Sequence[CfgNode]) -> Path:
     return path
 
 
-def run_cell(cell: Cell, extra_opts: Sequence[str] = ()) -> dict[str, Any]:
-    """Run one cell in this process; a config error is this cell's failure, not the sweep's."""
+def run_cell(cell: Cell, extra_opts: Sequence[str] = (), decode_all: bool = True) -> dict[str, Any]:
+    """Run one cell in this process; a config error is this cell's failure, not the sweep's.
+    decode_all False: a one-off run decodes only the images it reads (see execute_run)."""
     from fewclip.run import execute_run
 
     try:
         cfg = build_cell_config(cell, extra_opts)
+        configure_run_threads(int(cfg.PERF.THREADS))
     except Exception as error:  # a bad cell config is that cell's failure, reported in one line
         return {"status": "failed", "error": f"{type(error).__name__}: {error}", "run_dir": None}
-    return execute_run(cfg)
+    return execute_run(cfg, decode_all)
 
 
 # Worker side: the folder where a worker marks the cell it starts (`<index>.started`) and, when
@@ -259,7 +266,7 @@ def _init_worker(threads: int, events: str, plugins: dict[str, list[str]]) -> No
     global _EVENTS
     _EVENTS = Path(events)
     restore_plugins(plugins)  # the datasets and trainers the parent registered
-    torch.set_num_threads(threads)
+    set_torch_threads(threads, automatic=True)  # before any torch work: inter-op threads too
     signal.signal(signal.SIGTERM, _on_terminate)
 
 
@@ -312,7 +319,7 @@ def _run_pool(
     and was not terminated by the pool), the others are run again in a fresh pool.
     """
     context = multiprocessing.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_worker(available_cpus(), jobs)  # this process's CPUs, not the machine's
     indices = list(range(len(cells)))
     while indices:
         broken: list[int] = []
@@ -369,7 +376,7 @@ def run_cells(cells: Sequence[Cell], extra_opts: Sequence[str] = (), jobs: int =
 
     if jobs <= 1:
         for index, cell in enumerate(cells):
-            record(index, run_cell(cell, extra))
+            record(index, run_cell(cell, extra, decode_all=len(cells) > 1))
     else:
         _run_pool(cells, extra, jobs, record)
     bar.close()

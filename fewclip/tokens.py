@@ -9,7 +9,6 @@ average pooling (no attentional pooler), and open_clip text transformers without
 from __future__ import annotations
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 
@@ -101,6 +100,8 @@ def encode_text_tokens(
     x = tower.ln_final(x)
     pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
     eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+    from open_clip.transformer import text_global_pool  # here: importing fewclip stays light
+
     pooled = text_global_pool(x, text, pool_type, eos_token_id=eos_id)
     if project:
         pooled, x = project_text_tokens(model, pooled), project_text_tokens(model, x)

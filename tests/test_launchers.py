@@ -61,6 +61,16 @@ def test_slurm_executor_gets_partition_gpus_time_and_array_parallelism(tmp_path,
         build_executor("kubernetes", tmp_path, options)
 
 
+def test_cell_task_requeues_itself_with_the_same_cell():
+    """On preemption submitit calls `checkpoint` and resubmits what it returns: the same task."""
+    import submitit
+
+    task, cell = CellTask(), build_sweep(None, [SYNTHETIC], [ZEROSHOT]).cells[0]
+    delayed = task.checkpoint(cell, ())
+    assert isinstance(delayed, submitit.helpers.DelayedSubmission)
+    assert delayed.function is task and delayed.args == (cell, ())
+
+
 @pytest.mark.slow
 def test_submitit_local_runs_a_two_cell_job_array(tmp_path: Path, shared_cache, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two tasks share the cores

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from sklearn.linear_model import LogisticRegression
 from yacs.config import CfgNode
 
 from fewclip.data import Item
@@ -39,6 +38,8 @@ def fit_logistic_regression(
     Classes absent from `labels` get a weight of zero and a bias of -inf-like (-1e4), so they are
     never predicted rather than shifting every label index.
     """
+    from sklearn.linear_model import LogisticRegression  # here: `fewclip --dry-run` skips it
+
     model = LogisticRegression(C=inverse_reg, max_iter=max_iter)
     model.fit(features, labels)
     weight = np.zeros((num_classes, features.shape[1]), np.float32)

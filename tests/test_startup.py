@@ -1,0 +1,93 @@
+"""What the command imports on its short paths: `--help`, `--aggregate`, a config error and
+`--dry-run` must not pay for modules they never use (a test of which modules load, not of time).
+
+One fresh interpreter runs the paths in order, lightest first, and reports after each which of
+the heavy modules are in sys.modules (a module, once imported, stays; so order matters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HEAVY = (
+    "torch", "open_clip", "peft", "scipy", "matplotlib", "torch.utils.tensorboard", "tensorboard",
+    "sklearn", "submitit", "timm", "transformers",
+)  # fmt: skip
+TORCH_SIDE = tuple(name for name in HEAVY if name != "torch")
+
+PROBE = """
+import contextlib, io, json, sys
+import fewclip.cli
+
+HEAVY = {heavy!r}
+steps = {{}}
+
+def step(name, argv):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = fewclip.cli.main(argv)
+        except SystemExit as exit:
+            status = exit.code
+    loaded = [module for module in HEAVY if module in sys.modules]
+    plugins = [module for module in ("fewclip_trainers",) if module in sys.modules]
+    text = out.getvalue()[-400:]
+    steps[name] = {{"status": status, "loaded": loaded, "plugins": plugins, "out": text}}
+
+steps["import"] = {{"status": 0, "loaded": [m for m in HEAVY if m in sys.modules], "out": ""}}
+step("help", ["--help"])
+step("aggregate", ["--aggregate", {empty!r}])
+step("config_error", ["--dry-run", "OUTPUT_DIR", {output!r}, "NO_SUCH.KEY", "1"])
+step("dry_run", ["--dry-run", "OUTPUT_DIR", {output!r}])
+print(json.dumps(steps))
+"""
+
+
+@pytest.fixture(scope="module")
+def steps(tmp_path_factory) -> dict[str, dict]:
+    folder = tmp_path_factory.mktemp("startup")
+    (folder / "empty").mkdir()
+    code = PROBE.format(heavy=HEAVY, empty=str(folder / "empty"), output=str(folder / "out"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["import", "help"])
+def test_light_paths_import_no_torch(steps, name):
+    """Importing the CLI and `--help` load no heavy module, not even torch."""
+    assert steps[name]["status"] == 0, steps[name]["out"]
+    assert steps[name]["loaded"] == [], f"{name} imported {steps[name]['loaded']}"
+
+
+@pytest.mark.parametrize("name", ["config_error", "dry_run"])
+def test_config_paths_skip_torch_side_modules(steps, name):
+    """A config error and `--dry-run` load the trainers (so torch) but no model, LoRA, plotting,
+    statistics or cluster library: those are imported where a run or a report uses them."""
+    assert steps[name]["status"] == (2 if name == "config_error" else 0), steps[name]["out"]
+    loaded = [module for module in steps[name]["loaded"] if module in TORCH_SIDE]
+    assert loaded == [], f"{name} imported {loaded}"
+
+
+def test_aggregate_skips_torch_side_modules(steps):
+    """`--aggregate` reads results.json files: no plugins, models, plots or cluster library.
+    (It still imports torch through fewclip.images.write_atomic_bytes, which lives in images.py.)
+    """
+    assert steps["aggregate"]["status"] == 0, steps["aggregate"]["out"]
+    loaded = [module for module in steps["aggregate"]["loaded"] if module in TORCH_SIDE]
+    assert loaded == [], f"aggregate imported {loaded}"
+    assert "fewclip_trainers" not in steps["aggregate"]["plugins"]
+
+
+def test_dry_run_lists_the_demo_cells(steps):
+    assert "18 cells: 18 todo" in steps["dry_run"]["out"]
