@@ -204,6 +204,42 @@ class SplitQKVAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class SplitAttentionPool(nn.Module):
+    """open_clip's ResNet `AttentionPool2d` calling its q_proj, k_proj, v_proj, c_proj modules
+    (the original hands their weights to the functional API, so LoRA layers would be skipped).
+
+    Same parameters and names (state dicts load unchanged), same output: x (N, C, H, W) ->
+    (N, D), the attention output of the mean token over the positional-embedded grid."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.positional_embedding = source.positional_embedding
+        self.q_proj, self.k_proj, self.v_proj = source.q_proj, source.k_proj, source.v_proj
+        self.c_proj = source.c_proj
+        self.num_heads = source.num_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # (N, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
+        batch, length, width = x.shape
+        head_dim = width // self.num_heads
+
+        def heads(projected: torch.Tensor, tokens: int) -> torch.Tensor:
+            return projected.view(batch, tokens, self.num_heads, head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(x[:, :1]), 1)  # only the mean token's output is returned
+        k, v = heads(self.k_proj(x), length), heads(self.v_proj(x), length)
+        attended = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, head_dim)
+        return self.c_proj(attended.transpose(1, 2).reshape(batch, width))
+
+
+def _is_resnet_attention_pool(module: nn.Module) -> bool:
+    from open_clip.modified_resnet import AttentionPool2d
+
+    return type(module) is AttentionPool2d
+
+
 def _is_timm_attention(module: nn.Module) -> bool:
     try:
         from timm.layers import Attention
@@ -213,12 +249,15 @@ def _is_timm_attention(module: nn.Module) -> bool:
 
 
 def split_attention(model: nn.Module) -> int:
-    """Replace every `nn.MultiheadAttention` in `model` by a `SplitAttention` and every timm ViT
-    `Attention` by a `SplitQKVAttention`; return the count."""
+    """Replace every `nn.MultiheadAttention` in `model` by a `SplitAttention`, every timm ViT
+    `Attention` by a `SplitQKVAttention` and every open_clip ResNet attention pool by a
+    `SplitAttentionPool`; return the count."""
     targets = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.MultiheadAttention) or _is_timm_attention(module)
+        if isinstance(module, nn.MultiheadAttention)
+        or _is_timm_attention(module)
+        or _is_resnet_attention_pool(module)
     ]
     for name, module in targets:
         parent_name, _, attribute = name.rpartition(".")
@@ -227,6 +266,8 @@ def split_attention(model: nn.Module) -> int:
             replacement = SplitAttention(module)
             for parameter in replacement.parameters():
                 parameter.requires_grad_(module.out_proj.weight.requires_grad)
+        elif _is_resnet_attention_pool(module):
+            replacement = SplitAttentionPool(module)
         else:
             replacement = SplitQKVAttention(module)
         replacement.train(module.training)

@@ -10,6 +10,8 @@ for the width of `model.encode_image`. Supported towers:
   split into q_proj, k_proj, v_proj and `proj` as out;
 - open_clip `HFTextEncoder` with a BERT-style encoder (BiomedCLIP's PubMedBERT): `query`,
   `key`, `value`, `attention.output.dense`;
+- open_clip `ModifiedResNet` (OpenAI RN50): LoRA on the attention pool's q_proj, k_proj,
+  v_proj and c_proj (out); the convolutions train fully or stay frozen; no patch tokens;
 - Hugging Face `CLIPModel` towers (PLIP, openai/clip-vit-base-patch16; fewclip.hf_clip):
   `self_attn.q_proj`, `k_proj`, `v_proj`, `out_proj`.
 """
@@ -29,9 +31,8 @@ class Tower:
     """One encoder of a model: where its blocks are and the Linear each LoRA target names."""
 
     kind: str  # "open_clip-vit", "open_clip-text", "timm-vit", "hf-bert"
-    blocks: str  # full name of the ModuleList of transformer blocks
+    blocks: str  # full name of the ModuleList of blocks; "" = targets are full names (no blocks)
     targets: dict[str, tuple[str, ...]]  # LORA.TARGETS name -> module names inside one block
-    has_tokens: bool  # token-level features (fewclip.tokens) are supported
 
 
 OPEN_CLIP_TARGETS = {
@@ -54,6 +55,12 @@ HF_CLIP_TARGETS = {
     "v": ("self_attn.v_proj",),
     "out": ("self_attn.out_proj",),
     "mlp": ("mlp.fc1", "mlp.fc2"),
+}
+RESNET_TARGETS = {
+    "q": ("visual.attnpool.q_proj",),
+    "k": ("visual.attnpool.k_proj",),
+    "v": ("visual.attnpool.v_proj",),
+    "out": ("visual.attnpool.c_proj",),
 }
 BERT_TARGETS = {
     "q": ("attention.self.query",),
@@ -85,6 +92,7 @@ def family_of(model: nn.Module) -> Family:
 
 
 def _vision_tower(model: nn.Module) -> Tower:
+    from open_clip.modified_resnet import ModifiedResNet
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
 
@@ -93,13 +101,15 @@ def _vision_tower(model: nn.Module) -> Tower:
     visual = getattr(model, "visual", None)
     if isinstance(visual, HFVisionTower):
         blocks = "visual.vision_model.encoder.layers"
-        return Tower("hf-clip-vision", blocks, HF_CLIP_TARGETS, True)
+        return Tower("hf-clip-vision", blocks, HF_CLIP_TARGETS)
+    if isinstance(visual, ModifiedResNet):
+        return Tower("open_clip-resnet", "", RESNET_TARGETS)
     if isinstance(visual, VisionTransformer):
-        return Tower("open_clip-vit", "visual.transformer.resblocks", OPEN_CLIP_TARGETS, True)
+        return Tower("open_clip-vit", "visual.transformer.resblocks", OPEN_CLIP_TARGETS)
     if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks"):
         first = visual.trunk.blocks[0]
         if hasattr(getattr(first, "attn", None), "proj"):
-            return Tower("timm-vit", "visual.trunk.blocks", TIMM_VIT_TARGETS, True)
+            return Tower("timm-vit", "visual.trunk.blocks", TIMM_VIT_TARGETS)
     raise ValueError(
         f"unsupported image tower {type(visual).__name__}: fewclip supports open_clip ViTs and"
         " open_clip timm ViT towers (see fewclip/families.py)"
@@ -113,16 +123,16 @@ def _text_tower(model: nn.Module) -> Tower:
 
     text = getattr(model, "text", None)
     if isinstance(text, HFTextTower):
-        return Tower("hf-clip-text", "text.text_model.encoder.layers", HF_CLIP_TARGETS, True)
+        return Tower("hf-clip-text", "text.text_model.encoder.layers", HF_CLIP_TARGETS)
     if text is None and hasattr(model, "transformer"):  # open_clip CLIP keeps the text inline
-        return Tower("open_clip-text", "transformer.resblocks", OPEN_CLIP_TARGETS, True)
+        return Tower("open_clip-text", "transformer.resblocks", OPEN_CLIP_TARGETS)
     if isinstance(text, HFTextEncoder):
         encoder = getattr(text.transformer, "encoder", None)
         layers = getattr(encoder, "layer", None)
         if layers is not None and hasattr(layers[0].attention, "self"):
-            return Tower("hf-bert", "text.transformer.encoder.layer", BERT_TARGETS, True)
+            return Tower("hf-bert", "text.transformer.encoder.layer", BERT_TARGETS)
     elif text is not None and hasattr(text, "transformer") and hasattr(text, "token_embedding"):
-        return Tower("open_clip-text", "text.transformer.resblocks", OPEN_CLIP_TARGETS, True)
+        return Tower("open_clip-text", "text.transformer.resblocks", OPEN_CLIP_TARGETS)
     raise ValueError(
         f"unsupported text tower {type(text).__name__}: fewclip supports open_clip text"
         " transformers and Hugging Face BERT encoders (see fewclip/families.py)"

@@ -70,6 +70,13 @@ def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[s
                 f" (it has {', '.join(tower.targets)})"
             )
         prefix = tower.blocks
+        if not prefix:  # one attention layer, no blocks (the ResNet attention pool)
+            if lora_cfg.LAYERS or lora_cfg.TOP_K:
+                raise ValueError(
+                    f"LORA.LAYERS / TOP_K: the {encoder} tower ({tower.kind}) has no blocks"
+                )
+            selected[encoder] = [m for target in lora_cfg.TARGETS for m in tower.targets[target]]
+            continue
         depth = len(model.get_submodule(prefix))
         if lora_cfg.LAYERS:
             outside = [index for index in lora_cfg.LAYERS if not 0 <= index < depth]

@@ -9,6 +9,8 @@ demos load it through exactly the path a user's downloaded model takes (no netwo
   Face BERT text tower (width 32, 2 layers) whose config.json lies in `folder/text`.
   Load it with MODEL.NAME "local-dir:<folder>".
 - `write_hf_clip_twin(folder)`: PLIP's layout, a Hugging Face CLIPModel folder.
+- `write_resnet_twin(folder)`: an open_clip folder of a ResNet CLIP (RN50's layout, one
+  bottleneck per stage, width 8, 64x64 input) with the open_clip text transformer.
 """
 
 from __future__ import annotations
@@ -137,4 +139,27 @@ def write_hf_clip_twin(folder: str | Path, embed_dim: int = 16) -> Path:
         torch.manual_seed(TWIN_SEED)
         model = CLIPModel(config)
     model.save_pretrained(str(folder))
+    return folder
+
+
+def write_resnet_twin(folder: str | Path) -> Path:
+    """Write a tiny open_clip ResNet CLIP folder (see the module docstring); returns it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model_cfg = {
+        "embed_dim": 32,
+        "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 64, "head_width": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 2},
+    }  # fmt: skip
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TWIN_SEED)
+        model = open_clip.CLIP(**model_cfg)
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
     return folder
