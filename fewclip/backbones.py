@@ -3,13 +3,15 @@
 MODEL.NAME picks the architecture: a built-in tiny config (random weights, for tests and demos)
 or an open_clip model name. MODEL.PRETRAINED is "" (seeded random init), a local checkpoint file
 or an open_clip tag (resolved from the local caches, downloaded only when online). MODEL.HF_HUB
-("hf-hub:org/name") takes precedence and is read from the local Hugging Face cache only.
+("hf-hub:org/name") takes precedence and is read from the local Hugging Face cache only;
+MODEL.NAME "local-dir:PATH" reads an open_clip folder (open_clip_config.json + weights), e.g.
+BiomedCLIP's files (timm image tower + Hugging Face text tower, fewclip.families).
 Every model comes back with its attention split into q/k/v/out Linears, in eval mode, frozen.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -22,6 +24,21 @@ from torch import nn
 from yacs.config import CfgNode
 
 from fewclip.attention import split_attention
+from fewclip.checkpoints import (  # noqa: F401 (re-exported: trainers import them from here)
+    _file_sha1,
+    describe_state_mismatch,
+    load_clip_weights,
+    read_state_dict,
+    split_fused_attention,
+)
+from fewclip.hf_clip import (
+    HF_WEIGHT_FILES,
+    HFClip,
+    build_hf_clip_architecture,
+    hf_clip_tokenizer,
+    hf_preprocess,
+    is_hf_clip_folder,
+)
 
 INIT_SEED = 0  # random-init weights are drawn under this seed, so two builds are identical
 
@@ -67,6 +84,8 @@ def build_clip(model_cfg: CfgNode) -> ClipBundle:
 
     if model_cfg.HF_HUB:
         model, tokenizer, identity = _build_from_hub(model_cfg.HF_HUB)
+    elif model_cfg.NAME.startswith("local-dir:"):
+        model, tokenizer, identity = _build_local_dir(model_cfg.NAME)
     else:
         model, tokenizer, identity = _build_named(model_cfg.NAME, model_cfg.PRETRAINED)
     split_attention(model)
@@ -202,7 +221,7 @@ def _build_from_hub(hub_id: str) -> tuple[nn.Module, Callable, str]:
     config = _hub_cached_file(repo_id, "open_clip_config.json")
     weights = [
         path
-        for filename in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+        for filename in OPEN_CLIP_WEIGHT_FILES
         if (path := _hub_cached_file(repo_id, filename)) is not None
     ]
     if config is None or not weights:
@@ -211,25 +230,85 @@ def _build_from_hub(hub_id: str) -> tuple[nn.Module, Callable, str]:
             f" with internet run `huggingface-cli download {repo_id}` and copy the cache, or set"
             " HF_HOME"
         )
-    snapshot = config.parent
+    model, tokenizer = _build_from_folder(config.parent, weights[0], hub_id)
+    return model, tokenizer, f"{hub_id}@{config.parent.name}"
+
+
+OPEN_CLIP_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # either one makes a Hugging Face tokenizer
+
+
+def _build_local_dir(name: str) -> tuple[nn.Module, Callable, str]:
+    """MODEL.NAME "local-dir:PATH": an open_clip folder (open_clip_config.json + weights)."""
+    folder = Path(name[len("local-dir:") :]).expanduser()
+    if is_hf_clip_folder(folder):
+        return _build_hf_clip(folder, name)
+    config = folder / "open_clip_config.json"
+    weights = [folder / file for file in OPEN_CLIP_WEIGHT_FILES if (folder / file).is_file()]
+    if not config.is_file() or not weights:
+        raise FileNotFoundError(
+            f"MODEL.NAME {name!r}: {folder} needs open_clip_config.json and one of"
+            f" {', '.join(OPEN_CLIP_WEIGHT_FILES)} (an open_clip model), or config.json and one"
+            f" of {', '.join(HF_WEIGHT_FILES)} (a Hugging Face CLIPModel): the model's hub files"
+        )
+    model, tokenizer = _build_from_folder(folder, weights[0], name)
+    return model, tokenizer, f"{name}:file-sha1={_file_sha1(weights[0])}"
+
+
+def _build_hf_clip(folder: Path, name: str) -> tuple[nn.Module, Callable, str]:
+    """A Hugging Face CLIPModel folder, wrapped in open_clip's interface (fewclip.hf_clip)."""
     import open_clip
 
+    weights = [folder / file for file in HF_WEIGHT_FILES if (folder / file).is_file()]
+    if not weights:
+        raise FileNotFoundError(
+            f"MODEL.NAME {name!r}: {folder} has config.json but none of"
+            f" {', '.join(HF_WEIGHT_FILES)}: put the model's weights file from its hub page there"
+        )
+    clip = _seeded(lambda: build_hf_clip_architecture(folder))
+    expected = clip.state_dict()
+    state = read_state_dict(weights[0])
+    problems = describe_state_mismatch(state, expected)
+    if problems:
+        raise ValueError(f"checkpoint {weights[0]} does not fit {folder}/config.json: {problems}")
+    clip.load_state_dict(state, strict=True)
+    model = HFClip(clip)
+    size, mean, std = hf_preprocess(folder, int(clip.config.vision_config.image_size))
+    open_clip.model.set_model_preprocess_cfg(model, {"size": size, "mean": mean, "std": std})
+    context = int(clip.config.text_config.max_position_embeddings)
+    tokenizer = hf_clip_tokenizer(folder, context)
+    return model, tokenizer, f"{name}:file-sha1={_file_sha1(weights[0])}"
+
+
+def _build_from_folder(folder: Path, weights: Path, label: str) -> tuple[nn.Module, Callable]:
+    """Architecture and tokenizer from an open_clip folder's config, weights from `weights`."""
+    import open_clip
+
+    text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    text_cfg = text_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name") and not any(
+        (folder / file).is_file() for file in TOKENIZER_FILES
+    ):
+        raise FileNotFoundError(
+            f"{label}: the tokenizer is missing from {folder}: put {' or '.join(TOKENIZER_FILES)}"
+            " (with tokenizer_config.json) from the text model's hub page there"
+        )
     try:
         model = _seeded(
             lambda: open_clip.create_model(
-                f"local-dir:{snapshot}",
+                f"local-dir:{folder}",
                 load_weights=False,
                 pretrained_image=False,
                 pretrained_text=False,
             )
         )
-        tokenizer = open_clip.get_tokenizer(f"local-dir:{snapshot}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     except Exception as error:  # the towers may need more hub files (e.g. a BERT config)
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise RuntimeError(f"cannot build {hub_id} from {snapshot}: {message}") from None
+        raise RuntimeError(f"cannot build {label} from {folder}: {message}") from None
     split_attention(model)
-    load_clip_weights(model, weights[0])
-    return model, tokenizer, f"{hub_id}@{snapshot.name}"
+    load_clip_weights(model, weights)
+    return model, tokenizer
 
 
 def _hub_cache_dir() -> Path:
@@ -264,83 +343,3 @@ def _offline() -> bool:
 def _looks_like_path(value: str) -> bool:
     suffixes = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".npz")
     return os.sep in value or value.startswith(("~", ".")) or value.endswith(suffixes)
-
-
-def _file_sha1(path: Path, chunk_size: int = 1 << 24) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return f"{digest.hexdigest()}:size={path.stat().st_size}"
-
-
-def load_clip_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a full CLIP checkpoint into a model whose attention is split; strict on keys/shapes.
-
-    Accepts open_clip/OpenAI state dicts (.pt/.bin/.pth, TorchScript, .safetensors), wrapped in
-    {"state_dict": ...} and/or with "module." prefixes, with fused or split attention weights.
-    """
-    path = Path(path)
-    state = split_fused_attention(read_state_dict(path))
-    problems = describe_state_mismatch(state, model.state_dict())
-    if problems:
-        raise ValueError(f"checkpoint {path} does not fit this architecture: {problems}")
-    model.load_state_dict(state, strict=True)
-
-
-def describe_state_mismatch(state: dict, expected: dict) -> str:
-    """'' when `state` fits `expected`, else the first missing, unexpected, mis-shaped keys."""
-    missing = [key for key in expected if key not in state]
-    unexpected = [key for key in state if key not in expected]
-    wrong_shape = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state and state[key].shape != value.shape
-    ]
-    return "; ".join(
-        f"{label} ({len(keys)}): {', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape", wrong_shape),
-        )
-        if keys
-    )
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            checkpoint: Any = load_file(str(path), device="cpu")
-        else:
-            try:
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            except RuntimeError:  # OpenAI's TorchScript archives
-                checkpoint = torch.jit.load(str(path), map_location="cpu").state_dict()
-    except Exception as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise ValueError(f"cannot read checkpoint {path}: {message}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
-            checkpoint = checkpoint[wrapper]
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise ValueError(f"checkpoint {path} holds no state dict ({type(checkpoint).__name__})")
-    for key in ("input_resolution", "context_length", "vocab_size"):  # TorchScript extras
-        checkpoint.pop(key, None)
-    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
-
-
-def split_fused_attention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`*.in_proj_weight/bias` (q, k, v stacked) -> `*.q_proj.weight`, `*.k_proj.weight`, ..."""
-    converted: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        prefix, _, leaf = key.rpartition(".")
-        if leaf in ("in_proj_weight", "in_proj_bias") and value.shape[0] % 3 == 0:
-            kind = "weight" if leaf == "in_proj_weight" else "bias"
-            for part, chunk in zip(("q", "k", "v"), value.chunk(3, dim=0)):
-                converted[f"{prefix}.{part}_proj.{kind}"] = chunk.clone()
-        else:
-            converted[key] = value
-    return converted

@@ -5,7 +5,9 @@ an anchored regex of full module names: peft matches a *list* of names by suffix
 tower's names ("transformer.resblocks.0...") are suffixes of the vision tower's
 ("visual.transformer.resblocks.0..."), so a list would leak LoRA into the other encoder.
 Attention must be split (fewclip.attention) first: peft 0.21 applies LoRA on
-`nn.MultiheadAttention.out_proj` twice, so MultiheadAttention is never targeted.
+`nn.MultiheadAttention.out_proj` twice, so MultiheadAttention is never targeted, and timm's fused
+`qkv` would take one LoRA for q, k and v together. Which Linear a target (q, k, v, out, mlp)
+names in each tower comes from the model's family (fewclip.families), the same on every family.
 """
 
 from __future__ import annotations
@@ -22,16 +24,9 @@ from torch import nn
 from yacs.config import CfgNode
 
 from fewclip.attention import split_attention
+from fewclip.families import LORA_TARGET_NAMES, family_of
 
-ENCODER_BLOCKS = {"vision": "visual.transformer.resblocks", "text": "transformer.resblocks"}
 ENCODERS = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}
-TARGET_MODULES = {
-    "q": ("attn.q_proj",),
-    "k": ("attn.k_proj",),
-    "v": ("attn.v_proj",),
-    "out": ("attn.out_proj",),
-    "mlp": ("mlp.c_fc", "mlp.c_proj"),
-}
 # LORA.SCALING -> peft's use_rslora: False = alpha / r (LoRA, Hu et al. 2021), True = alpha /
 # sqrt(r) (rsLoRA; CLIP-LoRA's loralib: MaxZanella/CLIP-LoRA loralib/layers.py:42)
 SCALINGS = {"alpha_over_r": False, "alpha_over_sqrt_r": True}
@@ -52,10 +47,10 @@ def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[s
     """Full names of the Linear layers the LORA node selects, per encoder ("vision"/"text")."""
     if lora_cfg.ENCODER not in ENCODERS:
         raise ValueError(f"LORA.ENCODER {lora_cfg.ENCODER!r} is not one of {', '.join(ENCODERS)}")
-    unknown = [target for target in lora_cfg.TARGETS if target not in TARGET_MODULES]
+    unknown = [target for target in lora_cfg.TARGETS if target not in LORA_TARGET_NAMES]
     if unknown or not lora_cfg.TARGETS:
         raise ValueError(
-            f"LORA.TARGETS {list(lora_cfg.TARGETS)!r}: pick from {', '.join(TARGET_MODULES)}"
+            f"LORA.TARGETS {list(lora_cfg.TARGETS)!r}: pick from {', '.join(LORA_TARGET_NAMES)}"
         )
     if lora_cfg.RANK < 1 or lora_cfg.TEXT_RANK < 0 or lora_cfg.TOP_K < 0:
         raise ValueError(
@@ -63,16 +58,24 @@ def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[s
             f"(got {lora_cfg.RANK}, {lora_cfg.TEXT_RANK}, {lora_cfg.TOP_K})"
         )
     selected: dict[str, list[str]] = {}
+    family = family_of(model)
     for encoder in ENCODERS[lora_cfg.ENCODER]:
-        prefix = ENCODER_BLOCKS[encoder]
-        try:
-            blocks = model.get_submodule(prefix)
-        except AttributeError:
+        tower = family.tower(encoder)
+        lacking = [target for target in lora_cfg.TARGETS if target not in tower.targets]
+        if lacking:
             raise ValueError(
-                f"LORA.ENCODER {lora_cfg.ENCODER!r}: the model has no {prefix} (LoRA supports"
-                " open_clip transformer towers, not timm or Hugging Face towers)"
-            ) from None
-        depth = len(blocks)
+                f"LORA.TARGETS {lacking}: the {encoder} tower ({tower.kind}) has no such layers"
+                f" (it has {', '.join(tower.targets)})"
+            )
+        prefix = tower.blocks
+        if not prefix:  # one attention layer, no blocks (the ResNet attention pool)
+            if lora_cfg.LAYERS or lora_cfg.TOP_K:
+                raise ValueError(
+                    f"LORA.LAYERS / TOP_K: the {encoder} tower ({tower.kind}) has no blocks"
+                )
+            selected[encoder] = [m for target in lora_cfg.TARGETS for m in tower.targets[target]]
+            continue
+        depth = len(model.get_submodule(prefix))
         if lora_cfg.LAYERS:
             outside = [index for index in lora_cfg.LAYERS if not 0 <= index < depth]
             if outside:
@@ -93,7 +96,7 @@ def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[s
             f"{prefix}.{index}.{module}"
             for index in indices
             for target in lora_cfg.TARGETS
-            for module in TARGET_MODULES[target]
+            for module in tower.targets[target]
         ]
         for name in names:
             if not isinstance(model.get_submodule(name), nn.Linear):

@@ -32,6 +32,7 @@ from fewclip.contrastive import (
     compute_multi_positive_infonce,
 )
 from fewclip.data import Item
+from fewclip.families import image_feature_dim
 from fewclip.features import autocast_context
 from fewclip.lora import apply_lora
 from fewclip.registry import TRAINERS
@@ -42,6 +43,7 @@ from fewclip.tokens import (
     patch_grid,
     project_image_tokens,
     project_text_tokens,
+    text_projection,
 )
 from fewclip.trainer import ImageSet, TrainerBase
 
@@ -60,6 +62,7 @@ class CaMVLA(TrainerBase):
         r"\.lora_[AB]\.",
         r"^clip\.visual\.",
         r"^clip\.(text\.)?text_projection(\.|$)",
+        r"^clip\.text\.proj\.",  # a Hugging Face text tower's projection
         r"^adapter\.",
         r"^alignment\.",
     )
@@ -93,14 +96,13 @@ class CaMVLA(TrainerBase):
         if node.TEMPERATURE <= 0:
             raise ValueError(f"TRAINER.CAMVLA.TEMPERATURE must be > 0, got {node.TEMPERATURE}")
         self.grid = patch_grid(self.clip)
-        dim = self.clip.visual.output_dim
+        dim = image_feature_dim(self.clip)
         if node.TUNING == "lora":
             apply_lora(self.clip, self.cfg.LORA)
             self.text_trains = self.cfg.LORA.ENCODER in ("text", "both")
         else:  # the source trains its whole image encoder and the heads over a frozen BERT
             self.clip.visual.requires_grad_(True)
-            project_text = self.clip.text if hasattr(self.clip, "text") else self.clip
-            project_text.text_projection.requires_grad_(True)
+            text_projection(self.clip).requires_grad_(True)
             self.text_trains = False
         self.frozen_text: TextFeatures | None = None
         if node.ADAPTER == "conv_bn":

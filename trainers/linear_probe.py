@@ -14,6 +14,7 @@ import torch.nn as nn
 from yacs.config import CfgNode
 
 from fewclip.data import Item
+from fewclip.families import image_feature_dim
 from fewclip.registry import TRAINERS
 from fewclip.trainer import ImageSet, TrainerBase
 
@@ -68,8 +69,7 @@ class LinearProbe(TrainerBase):
         return node
 
     def build(self) -> None:
-        dim = self.clip.text_projection.shape[-1] if hasattr(self.clip, "text_projection") else 0
-        dim = dim or self.clip.visual.output_dim
+        dim = image_feature_dim(self.clip)  # from the model, on every family
         self.network["head"] = LinearHead(len(self.class_names), dim)
 
     def fit(self, train: ImageSet, val: ImageSet | None, evaluate_fn=None) -> dict:

@@ -27,6 +27,7 @@ from fewclip.alignment import (
 )
 from fewclip.augment import augment_batch
 from fewclip.data import Item
+from fewclip.families import image_feature_dim
 from fewclip.lora import apply_lora
 from fewclip.pooling import (
     ROI_RULES,
@@ -40,7 +41,13 @@ from fewclip.pooling import (
 )
 from fewclip.registry import TRAINERS
 from fewclip.samplers import add_sampler_keys
-from fewclip.tokens import encode_image_tokens, patch_grid
+from fewclip.tokens import (
+    encode_image_tokens,
+    image_projection,
+    image_token_width,
+    patch_grid,
+    project_image_tokens,
+)
 from fewclip.trainer import ImageSet, TrainerBase
 
 LOGGER = logging.getLogger(__name__)
@@ -57,6 +64,7 @@ class SAVLT(TrainerBase):
     trainable_patterns = (
         r"\.lora_[AB]\.",
         r"^clip\.visual\.proj$",
+        r"^clip\.visual\.head\.",  # a timm image tower's projection
         r"^prototypes\.weight$",
         r"^pooling\.(queries|output\.weight|output\.bias)$",
         r"^pooling\.attention\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)$",
@@ -97,16 +105,13 @@ class SAVLT(TrainerBase):
             raise ValueError(f"TRAINER.SAVLT.BOX_MIN_ROW must be in [0, 1), got {node.BOX_MIN_ROW}")
         apply_lora(self.clip, self.cfg.LORA)
         self.text_trains = self.cfg.LORA.ENCODER in ("text", "both")
-        visual = self.clip.visual
-        if visual.proj is None:
-            raise ValueError("SAVLT needs a vision tower with a projection (visual.proj)")
-        visual.proj.requires_grad_(node.TRAIN_PROJECTION)
+        image_projection(self.clip).requires_grad_(node.TRAIN_PROJECTION)
         self.grid = patch_grid(self.clip)
         generator = torch.Generator().manual_seed(self.cfg.SEED)
         self.network["prototypes"] = ClassPrototypes(
-            len(self.class_names), visual.proj.shape[1], generator
+            len(self.class_names), image_feature_dim(self.clip), generator
         )
-        width = visual.proj.shape[0]
+        width = image_token_width(self.clip)
         if node.POOLING == "source":
             self.network["pooling"] = ChannelGroupPooling(width, node.POOL_HEADS, generator)
         elif node.POOLING == "projected":
@@ -163,7 +168,7 @@ class SAVLT(TrainerBase):
             return F.normalize(self.clip.encode_image(images), dim=-1)
         _, tokens = encode_image_tokens(self.clip, images, self.node.TOKENS == "post_ln")
         pooled, _ = self.network["pooling"](tokens, self.region(images, masks))
-        return F.normalize(pooled @ self.clip.visual.proj.to(pooled.dtype), dim=-1)
+        return F.normalize(project_image_tokens(self.clip, pooled), dim=-1)
 
     # ----- training ---------------------------------------------------------------------------
     def prepare(self, train: ImageSet) -> None:

@@ -1,0 +1,156 @@
+"""Which model family a CLIP is, and what each of its towers offers: one adapter per tower kind.
+
+Trainers never branch on the family: they ask `family_of(model)` for the blocks LoRA may adapt
+(with the Linear layer each `LORA.TARGETS` name means in that tower), and `image_feature_dim`
+for the width of `model.encode_image`. Supported towers:
+
+- open_clip `VisionTransformer` / text transformer (OpenAI, LAION, QuiltNet ViTs), attention
+  split into q_proj, k_proj, v_proj, out_proj by fewclip.attention;
+- open_clip `TimmModel` with a timm ViT trunk (BiomedCLIP's image tower), its fused `qkv`
+  split into q_proj, k_proj, v_proj and `proj` as out;
+- open_clip `HFTextEncoder` with a BERT-style encoder (BiomedCLIP's PubMedBERT): `query`,
+  `key`, `value`, `attention.output.dense`;
+- open_clip `ModifiedResNet` (OpenAI RN50): LoRA on the attention pool's q_proj, k_proj,
+  v_proj and c_proj (out); the convolutions train fully or stay frozen; no patch tokens;
+- Hugging Face `CLIPModel` towers (PLIP, openai/clip-vit-base-patch16; fewclip.hf_clip):
+  `self_attn.q_proj`, `k_proj`, `v_proj`, `out_proj`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LORA_TARGET_NAMES = ("q", "k", "v", "out", "mlp")
+
+
+@dataclass(frozen=True)
+class Tower:
+    """One encoder of a model: where its blocks are and the Linear each LoRA target names."""
+
+    kind: str  # "open_clip-vit", "open_clip-text", "timm-vit", "hf-bert"
+    blocks: str  # full name of the ModuleList of blocks; "" = targets are full names (no blocks)
+    targets: dict[str, tuple[str, ...]]  # LORA.TARGETS name -> module names inside one block
+
+
+OPEN_CLIP_TARGETS = {
+    "q": ("attn.q_proj",),
+    "k": ("attn.k_proj",),
+    "v": ("attn.v_proj",),
+    "out": ("attn.out_proj",),
+    "mlp": ("mlp.c_fc", "mlp.c_proj"),
+}
+TIMM_VIT_TARGETS = {
+    "q": ("attn.q_proj",),
+    "k": ("attn.k_proj",),
+    "v": ("attn.v_proj",),
+    "out": ("attn.proj",),
+    "mlp": ("mlp.fc1", "mlp.fc2"),
+}
+HF_CLIP_TARGETS = {
+    "q": ("self_attn.q_proj",),
+    "k": ("self_attn.k_proj",),
+    "v": ("self_attn.v_proj",),
+    "out": ("self_attn.out_proj",),
+    "mlp": ("mlp.fc1", "mlp.fc2"),
+}
+RESNET_TARGETS = {
+    "q": ("visual.attnpool.q_proj",),
+    "k": ("visual.attnpool.k_proj",),
+    "v": ("visual.attnpool.v_proj",),
+    "out": ("visual.attnpool.c_proj",),
+}
+BERT_TARGETS = {
+    "q": ("attention.self.query",),
+    "k": ("attention.self.key",),
+    "v": ("attention.self.value",),
+    "out": ("attention.output.dense",),
+    "mlp": ("intermediate.dense", "output.dense"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """The towers of one model, keyed by encoder ("vision", "text")."""
+
+    name: str
+    towers: dict[str, Tower]
+
+    def tower(self, encoder: str) -> Tower:
+        if encoder not in self.towers:
+            raise ValueError(f"{self.name} has no {encoder} tower")
+        return self.towers[encoder]
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family adapter of an open_clip CLIP / CustomTextCLIP; a one-line error otherwise."""
+    towers = {"vision": _vision_tower(model), "text": _text_tower(model)}
+    name = f"{towers['vision'].kind} + {towers['text'].kind}"
+    return Family(name=name, towers=towers)
+
+
+def _vision_tower(model: nn.Module) -> Tower:
+    from open_clip.modified_resnet import ModifiedResNet
+    from open_clip.timm_model import TimmModel
+    from open_clip.transformer import VisionTransformer
+
+    from fewclip.hf_clip import HFVisionTower
+
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, HFVisionTower):
+        blocks = "visual.vision_model.encoder.layers"
+        return Tower("hf-clip-vision", blocks, HF_CLIP_TARGETS)
+    if isinstance(visual, ModifiedResNet):
+        return Tower("open_clip-resnet", "", RESNET_TARGETS)
+    if isinstance(visual, VisionTransformer):
+        return Tower("open_clip-vit", "visual.transformer.resblocks", OPEN_CLIP_TARGETS)
+    if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks"):
+        first = visual.trunk.blocks[0]
+        if hasattr(getattr(first, "attn", None), "proj"):
+            return Tower("timm-vit", "visual.trunk.blocks", TIMM_VIT_TARGETS)
+    raise ValueError(
+        f"unsupported image tower {type(visual).__name__}: fewclip supports open_clip ViTs and"
+        " open_clip timm ViT towers (see fewclip/families.py)"
+    )
+
+
+def _text_tower(model: nn.Module) -> Tower:
+    from open_clip.hf_model import HFTextEncoder
+
+    from fewclip.hf_clip import HFTextTower
+
+    text = getattr(model, "text", None)
+    if isinstance(text, HFTextTower):
+        return Tower("hf-clip-text", "text.text_model.encoder.layers", HF_CLIP_TARGETS)
+    if text is None and hasattr(model, "transformer"):  # open_clip CLIP keeps the text inline
+        return Tower("open_clip-text", "transformer.resblocks", OPEN_CLIP_TARGETS)
+    if isinstance(text, HFTextEncoder):
+        encoder = getattr(text.transformer, "encoder", None)
+        layers = getattr(encoder, "layer", None)
+        if layers is not None and hasattr(layers[0].attention, "self"):
+            return Tower("hf-bert", "text.transformer.encoder.layer", BERT_TARGETS)
+    elif text is not None and hasattr(text, "transformer") and hasattr(text, "token_embedding"):
+        return Tower("open_clip-text", "text.transformer.resblocks", OPEN_CLIP_TARGETS)
+    raise ValueError(
+        f"unsupported text tower {type(text).__name__}: fewclip supports open_clip text"
+        " transformers and Hugging Face BERT encoders (see fewclip/families.py)"
+    )
+
+
+def image_feature_dim(model: nn.Module) -> int:
+    """Width D of `model.encode_image` output, read from the model by one forward of a blank
+    image at the tower's input size (no attribute one family happens to have)."""
+    visual = model.visual
+    size = getattr(visual, "image_size", 224)
+    rows, columns = (size, size) if isinstance(size, int) else tuple(size)
+    parameter = next(model.parameters())
+    blank = torch.zeros(1, 3, rows, columns, device=parameter.device, dtype=parameter.dtype)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model.encode_image(blank).shape[-1])
+    finally:
+        model.train(training)

@@ -1,0 +1,337 @@
+"""Model families through one interface, on tiny twins written to disk and loaded back the way a
+user's model is (MODEL.NAME local-dir:..., no download): attention split exactly, LoRA on every
+family's named Linears, token features, and every registered trainer's contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from timm.layers import Attention
+from yacs.config import CfgNode
+
+from fewclip.attention import SplitAttentionPool, SplitQKVAttention
+from fewclip.backbones import TINY_CONFIGS, build_clip
+from fewclip.config import build_config, get_cfg_defaults
+from fewclip.evaluation import evaluate_set, validation_score
+from fewclip.families import family_of, image_feature_dim
+from fewclip.lora import apply_lora, merge_lora
+from fewclip.registry import DATASETS, TRAINERS
+from fewclip.run import build_image_set, load_clip
+from fewclip.splits import build_split
+from fewclip.tokens import encode_image_tokens, encode_text_tokens, patch_grid
+from fewclip.twins import write_hf_clip_twin, write_resnet_twin, write_timm_hf_twin
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def timm_hf_twin(tmp_path_factory) -> Path:
+    return write_timm_hf_twin(tmp_path_factory.mktemp("timm_hf_twin"))
+
+
+@pytest.fixture(scope="module")
+def hf_clip_twin(tmp_path_factory) -> Path:
+    return write_hf_clip_twin(tmp_path_factory.mktemp("hf_clip_twin"))
+
+
+@pytest.fixture(scope="module")
+def resnet_twin(tmp_path_factory) -> Path:
+    return write_resnet_twin(tmp_path_factory.mktemp("resnet_twin"))
+
+
+@pytest.fixture(params=["timm_hf_twin", "hf_clip_twin", "resnet_twin"])
+def twin(request) -> Path:
+    return request.getfixturevalue(request.param)
+
+
+def model_cfg(name: str) -> CfgNode:
+    return CfgNode({"NAME": name, "PRETRAINED": "", "HF_HUB": ""})
+
+
+def lora_cfg(**keys) -> CfgNode:
+    node = get_cfg_defaults().LORA.clone()
+    for key, value in keys.items():
+        node[key] = value
+    return node
+
+
+def test_split_qkv_attention_equals_timm_fused_attention():
+    torch.manual_seed(0)
+    fused = Attention(48, num_heads=4, qkv_bias=True).eval()
+    split = SplitQKVAttention(fused).eval()
+    x = torch.randn(3, 11, 48)
+    torch.testing.assert_close(split(x), fused(x), atol=1e-5, rtol=0)
+    assert torch.equal(split.k_proj.weight, fused.qkv.weight[48:96])
+
+
+def test_timm_hf_twin_loads_split_and_equal_to_the_fused_original(timm_hf_twin):
+    bundle = build_clip(model_cfg(f"local-dir:{timm_hf_twin}"))
+    original = open_clip.create_model(
+        f"local-dir:{timm_hf_twin}", load_weights=False, pretrained_image=False,
+        pretrained_text=False,
+    ).eval()  # fmt: skip
+    original.load_state_dict(load_file(str(timm_hf_twin / "open_clip_model.safetensors")))
+    model = bundle.model
+    assert not any(name.endswith(".qkv") for name, _ in model.named_modules())
+    assert family_of(model).name == "timm-vit + hf-bert"
+    images = torch.randn(2, 3, bundle.image_size, bundle.image_size)
+    text = bundle.tokenizer(["a photo of abnormal cells", "normal tissue"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_image(images), original.encode_image(images), atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(model.encode_text(text), original.encode_text(text))
+    assert image_feature_dim(model) == 32 and bundle.image_size == 64
+    assert not any(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_token_features_of_the_timm_hf_twin_pool_to_encode(timm_hf_twin):
+    model = build_clip(model_cfg(f"local-dir:{timm_hf_twin}")).model
+    images = torch.randn(2, 3, 64, 64)
+    assert patch_grid(model) == (4, 4)
+    with torch.no_grad():
+        pooled, tokens = encode_image_tokens(model, images)
+        torch.testing.assert_close(pooled, model.encode_image(images))
+        assert tokens.shape == (2, 16, 64)
+        text = torch.tensor([[2, 5, 6, 3, 0, 0], [2, 7, 3, 0, 0, 0]])
+        pooled_text, words, valid = encode_text_tokens(model, text)
+        torch.testing.assert_close(pooled_text, model.encode_text(text))
+    assert words.shape == (2, 6, 32)
+    assert valid.tolist()[1] == [False, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("encoder", ["vision", "text", "both"])
+def test_lora_targets_mean_the_same_on_the_timm_hf_twin(timm_hf_twin, encoder):
+    model = build_clip(model_cfg(f"local-dir:{timm_hf_twin}")).model
+    images = torch.randn(2, 3, 64, 64)
+    text = torch.tensor([[2, 5, 6, 3, 0], [2, 7, 3, 0, 0]])
+    with torch.no_grad():
+        before = model.encode_image(images), model.encode_text(text)
+    names = apply_lora(model, lora_cfg(ENCODER=encoder, TARGETS=["q", "k", "v", "out", "mlp"]))
+    adapted = {name.split(".lora_")[0] for name in names}
+    vision = {name for name in adapted if name.startswith("visual.")}
+    text_names = adapted - vision
+    if encoder in ("vision", "both"):
+        assert len(vision) == 6 * 6 and "visual.trunk.blocks.5.attn.q_proj" in vision
+        assert (
+            "visual.trunk.blocks.0.attn.proj" in vision
+            and "visual.trunk.blocks.0.mlp.fc2" in vision
+        )
+    if encoder in ("text", "both"):
+        assert len(text_names) == 2 * 6
+        prefix = "text.transformer.encoder.layer.1."
+        assert {prefix + "attention.self.value", prefix + "attention.output.dense"} <= text_names
+        assert prefix + "output.dense" in text_names
+    assert bool(vision) == (encoder != "text") and bool(text_names) == (encoder != "vision")
+    model.eval()
+    with torch.no_grad():  # B = 0: unchanged until trained
+        torch.testing.assert_close(model.encode_image(images), before[0])
+        torch.testing.assert_close(model.encode_text(text), before[1])
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.1)
+        unmerged = model.encode_image(images), model.encode_text(text)
+    merge_lora(model)
+    assert not any(".lora_" in name for name, _ in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), unmerged[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.encode_text(text), unmerged[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(unmerged[0], before[0]) or encoder == "text"
+
+
+def test_checkpoint_of_another_size_names_the_mismatched_keys(timm_hf_twin, tmp_path):
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    for file in ("open_clip_config.json", "vocab.txt", "tokenizer_config.json"):
+        (folder / file).write_bytes((timm_hf_twin / file).read_bytes())
+    other = open_clip.CLIP(**TINY_CONFIGS["tiny-vit"])
+    save_file(
+        {k: v.contiguous() for k, v in other.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
+    with pytest.raises(
+        ValueError, match=r"does not fit this architecture: missing .*visual\.trunk"
+    ):
+        build_clip(model_cfg(f"local-dir:{folder}"))
+
+
+def test_missing_tokenizer_and_weights_name_the_files(timm_hf_twin, tmp_path):
+    folder = tmp_path / "no_tokenizer"
+    folder.mkdir()
+    for file in ("open_clip_config.json", "open_clip_model.safetensors"):
+        (folder / file).write_bytes((timm_hf_twin / file).read_bytes())
+    with pytest.raises(FileNotFoundError, match="tokenizer.json or vocab.txt"):
+        build_clip(model_cfg(f"local-dir:{folder}"))
+    (folder / "open_clip_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="open_clip_model.safetensors"):
+        build_clip(model_cfg(f"local-dir:{folder}"))
+
+
+def test_hf_clip_twin_loads_and_equals_the_hugging_face_model(hf_clip_twin):
+    from transformers import CLIPModel
+
+    bundle = build_clip(model_cfg(f"local-dir:{hf_clip_twin}"))
+    reference = CLIPModel.from_pretrained(str(hf_clip_twin), local_files_only=True).eval()
+    model = bundle.model
+    assert family_of(model).name == "hf-clip-vision + hf-clip-text"
+    assert bundle.image_size == 32 and image_feature_dim(model) == 16
+    images = torch.randn(2, 3, 32, 32)
+    text = bundle.tokenizer(["a photo of abnormal cells", "normal"])
+    assert text.shape == (2, 16)
+    with torch.no_grad():
+        output = reference(input_ids=text, pixel_values=images)
+        torch.testing.assert_close(model.encode_image(images, normalize=True), output.image_embeds)
+        torch.testing.assert_close(model.encode_text(text, normalize=True), output.text_embeds)
+        pooled, tokens = encode_image_tokens(model, images)
+        torch.testing.assert_close(pooled, model.encode_image(images))
+        pooled_text, words, valid = encode_text_tokens(model, text)
+        torch.testing.assert_close(pooled_text, model.encode_text(text))
+    assert patch_grid(model) == (4, 4) and tokens.shape == (2, 16, 32)
+    assert valid.sum(dim=1).tolist() == [15, 7]  # "normal": 6 letters + the end token
+    assert float(model.logit_scale.detach()) == float(reference.logit_scale.detach())
+
+
+def test_lora_on_the_hf_clip_twin_targets_its_projections(hf_clip_twin):
+    model = build_clip(model_cfg(f"local-dir:{hf_clip_twin}")).model
+    images = torch.randn(2, 3, 32, 32)
+    names = apply_lora(model, lora_cfg(ENCODER="both", TARGETS=["q", "k", "v", "out"]))
+    adapted = {name.split(".lora_")[0] for name in names}
+    assert len(adapted) == 2 * 2 * 4
+    assert "visual.vision_model.encoder.layers.1.self_attn.out_proj" in adapted
+    assert "text.text_model.encoder.layers.0.self_attn.k_proj" in adapted
+    model.eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.1)
+        unmerged = model.encode_image(images)
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), unmerged, atol=1e-5, rtol=0)
+
+
+def test_hf_clip_checkpoint_of_another_size_names_the_mismatched_keys(hf_clip_twin, tmp_path):
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    for file in ("vocab.json", "merges.txt", "config.json"):
+        (folder / file).write_bytes((hf_clip_twin / file).read_bytes())
+    state = load_file(str(hf_clip_twin / "model.safetensors"))
+    state["visual_projection.weight"] = torch.zeros(8, 32)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"shape \(1\): visual_projection.weight \(8, 32\)"):
+        build_clip(model_cfg(f"local-dir:{folder}"))
+    for file in ("vocab.json", "merges.txt"):
+        (folder / file).unlink()
+    state["visual_projection.weight"] = torch.zeros(16, 32)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt"):
+        build_clip(model_cfg(f"local-dir:{folder}"))
+
+
+def test_split_attention_pool_equals_the_resnet_attention_pool():
+    from open_clip.modified_resnet import AttentionPool2d
+
+    torch.manual_seed(0)
+    pool = AttentionPool2d(4, 32, 4, 16).eval()
+    x = torch.randn(3, 32, 4, 4)
+    torch.testing.assert_close(SplitAttentionPool(pool)(x), pool(x), atol=1e-5, rtol=0)
+
+
+def test_lora_on_the_resnet_twin_adapts_its_attention_pool(resnet_twin):
+    bundle = build_clip(model_cfg(f"local-dir:{resnet_twin}"))
+    model = bundle.model
+    original = open_clip.create_model(f"local-dir:{resnet_twin}", load_weights=False).eval()
+    original.load_state_dict(load_file(str(resnet_twin / "open_clip_model.safetensors")))
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        before = model.encode_image(images)
+        torch.testing.assert_close(before, original.encode_image(images), atol=1e-5, rtol=0)
+    assert family_of(model).name == "open_clip-resnet + open_clip-text"
+    with pytest.raises(ValueError, match=r"LORA.TARGETS \['mlp'\]: the vision tower"):
+        apply_lora(model, lora_cfg(TARGETS=["q", "mlp"]))
+    with pytest.raises(ValueError, match="has no patch tokens"):
+        patch_grid(model)
+    names = apply_lora(model, lora_cfg(TARGETS=["q", "k", "v", "out"]))
+    adapted = sorted({name.split(".lora_")[0] for name in names})
+    assert adapted == [f"visual.attnpool.{n}_proj" for n in ("c", "k", "q", "v")]
+    model.eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.1)
+        unmerged = model.encode_image(images)
+    assert not torch.allclose(unmerged, before)  # the LoRA layers are on the forward path
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), unmerged, atol=1e-5, rtol=0)
+
+
+# ----- every registered trainer on the twin --------------------------------------------------
+PACKAGE_TRAINERS = [
+    n for n in TRAINERS.names() if TRAINERS.get(n).__module__.startswith("fewclip_trainers.")
+]
+# twin -> trainers whose method needs what that family lacks, and the one-line error they give
+NOT_APPLICABLE = {"resnet_twin": {"SAVLT": "no patch tokens", "CaMVLA": "no patch tokens"}}
+# the LoRA variants of trainers whose recipe trains something else
+LORA_VARIANTS = [
+    ("AMLPF", ["TRAINER.AMLPF.STUDENT", "lora"]),
+    ("CaMVLA", ["TRAINER.CAMVLA.TUNING", "lora", "LORA.ENCODER", "both"]),
+    ("SAVLT", ["LORA.ENCODER", "both", "LORA.TARGETS", "q,v,out"]),
+]
+
+
+def recipe_for(trainer_name: str) -> Path:
+    for path in sorted((ROOT / "configs" / "trainers").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if data.get("TRAINER", {}).get("NAME") == trainer_name:
+            return path
+    raise AssertionError(f"no recipe in configs/trainers/ for trainer {trainer_name}")
+
+
+def build_trainer(trainer_name: str, opts: list[str]):
+    cfg = build_config(recipe_for(trainer_name), ROOT / "configs/datasets/synthetic.yaml", opts)
+    dataset = DATASETS.get(cfg.DATASET.NAME)(cfg)
+    split = build_split(dataset, cfg)
+    bundle = load_clip(cfg)
+    trainer = TRAINERS.get(cfg.TRAINER.NAME)(cfg, bundle, dataset, torch.device("cpu"))
+    sets = [build_image_set(items, bundle.image_size, cfg) for items in (split.train, split.val)]
+    return dataset, trainer, *sets, build_image_set(split.test, bundle.image_size, cfg)
+
+
+@pytest.mark.parametrize(
+    ("trainer_name", "extra"), [(name, []) for name in PACKAGE_TRAINERS] + LORA_VARIANTS
+)
+def test_trainer_contract_on_every_family_twin(trainer_name, extra, fast_opts, twin, one_thread):
+    model = ["MODEL.NAME", f"local-dir:{twin}"]
+    opts = [*fast_opts, *model, "OPTIM.MAX_ITERS", "2", *extra]
+    expected_error = NOT_APPLICABLE.get(twin.name.rstrip("0123456789"), {}).get(trainer_name)
+    if expected_error:
+        with pytest.raises(ValueError, match=expected_error):
+            build_trainer(trainer_name, opts)
+        return
+    dataset, trainer, train, val, test = build_trainer(trainer_name, opts)
+    trainable = {name for name, _ in trainer.trainable_named_parameters()}
+    patterns = [re.compile(p) for p in type(trainer).trainable_patterns]
+    undeclared = [n for n in trainable if not any(p.search(n) for p in patterns)]
+    assert not undeclared, f"{trainer_name} trains undeclared parameters: {undeclared[:5]}"
+    if type(trainer).trains and type(trainer).trainable_patterns:
+        assert trainable, f"{trainer_name} declares trainable parameters but has none"
+    before = {n: p.detach().clone() for n, p in trainer.network.named_parameters()}
+    trainer.fit(train, val, validation_score)
+    for name, param in trainer.network.named_parameters():
+        if name not in trainable:
+            assert torch.equal(param, before[name]), f"{trainer_name} changed frozen {name}"
+    if trainable and type(trainer).trains:
+        assert any(
+            not torch.equal(p, before[n])
+            for n, p in trainer.network.named_parameters()
+            if n in trainable
+        ), f"{trainer_name} trained nothing"
+    metrics = evaluate_set(trainer, test, list(dataset.positive_classes), 10)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_samples"] == len(test)
