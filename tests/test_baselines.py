@@ -1,0 +1,166 @@
+"""The standard few-shot baselines: each formula on hand-made tensors against an independent
+re-implementation, validation-only selection, and every recipe end to end through run_shell.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fewclip.cache_model import (
+    CacheModel,
+    average_view_keys,
+    build_search_grid,
+    compute_tip_logits,
+    search_alpha_beta,
+)
+from fewclip.config import build_config
+from fewclip.run import execute_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SYNTHETIC = ROOT / "configs" / "datasets" / "synthetic.yaml"
+RECIPES = ROOT / "configs" / "trainers"
+
+
+# ----- Tip-Adapter ------------------------------------------------------------------------------
+def test_tip_logits_match_the_papers_formula_written_out():
+    generator = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    keys = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    values = torch.eye(3)[labels]
+    alpha, beta = 1.7, 5.5
+    expected = torch.zeros(5, 3)
+    for n in range(5):  # element by element: 100 f.w_c + alpha sum_k exp(-beta (1 - f.k)) L_kc
+        for c in range(3):
+            cache = sum(
+                math.exp(-beta * (1 - float(features[n] @ keys[k]))) * float(values[k, c])
+                for k in range(6)
+            )
+            expected[n, c] = 100 * float(features[n] @ text[c]) + alpha * cache
+    got = compute_tip_logits(100 * features @ text.t(), features @ keys.t(), values, alpha, beta)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    cache = CacheModel(8, 3, alpha, beta, trainable=False)
+    cache.fill(keys, values)
+    torch.testing.assert_close(
+        cache(features, 100 * features @ text.t()), expected, atol=1e-4, rtol=1e-5
+    )
+
+
+def test_keys_average_the_raw_views_before_normalising():
+    views = torch.tensor([[[3.0, 0.0]], [[0.0, 1.0]]])  # one image, two views of unequal norm
+    expected = torch.tensor([[1.5, 0.5]]) / math.hypot(1.5, 0.5)
+    torch.testing.assert_close(average_view_keys(views), expected)
+
+
+def test_search_grid_is_the_sources():
+    assert build_search_grid(13, 20) == [i * 12.9 / 20 + 0.1 for i in range(20)]
+    assert build_search_grid(7, 200)[0] == pytest.approx(0.1)
+    assert build_search_grid(7, 200)[-1] == pytest.approx(199 * 6.9 / 200 + 0.1)
+
+
+def reference_search(clip_logits, affinity, values, labels, betas, alphas):
+    """The source's loop (utils.py:109-125), written out: accuracy, strict improvement."""
+    best_acc, best = 0.0, (0, 0)
+    for beta in betas:
+        for alpha in alphas:
+            logits = clip_logits + ((-1) * (beta - beta * affinity)).exp() @ values * alpha
+            acc = 100.0 * float((logits.argmax(1) == labels).float().sum()) / len(labels)
+            if acc > best_acc:
+                best_acc, best = acc, (beta, alpha)
+    return best, best_acc
+
+
+def test_search_on_a_toy_cache_finds_the_sources_pair():
+    # zero-shot text is wrong for class 1; only a large enough alpha lets the cache fix it
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    values = torch.eye(2)
+    text = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    features = F.normalize(torch.tensor([[1.0, 0.1], [0.5, 1.0], [0.3, 1.0]]), dim=-1)
+    labels = torch.tensor([0, 1, 1])
+    clip_logits = 100 * features @ text.t()
+    clip_logits[1:, 1] -= 30  # text alone calls both class-1 images class 0
+    betas, alphas = build_search_grid(7, 10), build_search_grid(60, 12)
+    beta, alpha, score = search_alpha_beta(
+        clip_logits, features @ keys.t(), values, labels, betas, alphas
+    )
+    (ref_beta, ref_alpha), ref_acc = reference_search(
+        clip_logits, features @ keys.t(), values, labels, betas, alphas
+    )
+    assert (beta, alpha) == (ref_beta, ref_alpha) and score == pytest.approx(ref_acc / 100)
+    assert score == 1.0 and alpha > alphas[0]  # the search moved off the first pair
+    zero_shot = (clip_logits.argmax(1) == labels).float().mean()
+    assert zero_shot < 1.0
+
+
+def small_opts(tmp_path: Path, shared_cache: Path) -> list[str]:
+    return [
+        "OUTPUT_DIR", str(tmp_path / "out"), "CACHE_DIR", str(shared_cache),
+        "MODEL.NAME", "tiny-vit", "DATASET.SYNTHETIC.IMAGES_PER_CLASS", "12",
+        "DATASET.NUM_SHOTS", "2", "DATASET.VAL_SHOTS", "2", "EVAL.BATCH_SIZE", "64",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["tip_adapter.yaml", "tip_adapter_f.yaml"])
+def test_alpha_and_beta_are_searched_on_validation_only(
+    recipe, tmp_path, shared_cache, monkeypatch
+):
+    """The search sees the validation images and labels and nothing else: if it were handed the
+    test split (or the training shots), its inputs would differ in size or labels."""
+    import fewclip_trainers.tip_adapter as tip
+
+    seen = []
+
+    def spy(clip_logits, affinity, values, labels, betas, alphas, metric="accuracy"):
+        seen.append((clip_logits.clone(), labels.cpu().numpy().copy()))
+        return search_alpha_beta(clip_logits, affinity, values, labels, betas, alphas, metric)
+
+    monkeypatch.setattr(tip, "search_alpha_beta", spy)
+    opts = [*small_opts(tmp_path, shared_cache), "OPTIM.MAX_ITERS", "2"]
+    cfg = build_config(RECIPES / recipe, SYNTHETIC, opts)
+    results = execute_run(cfg)
+    assert results["status"] == "complete", results.get("error")
+    ((clip_logits, labels),) = seen
+    assert len(labels) == results["split"]["num_val"] == 2 * 4  # VAL_SHOTS x classes
+    assert results["metrics"]["test"]["num_samples"] != len(labels)
+    training = results["training"]
+    assert training["searched"] and training["alpha"] in build_search_grid(13, 20)
+    assert training["beta"] in build_search_grid(13, 200)
+
+
+# ----- every new recipe end to end through the command line ------------------------------------
+NEW_RECIPES = {
+    "tip_adapter.yaml": "TipAdapter",
+    "tip_adapter_f.yaml": "TipAdapterF",
+}
+
+
+def test_every_baseline_recipe_runs_through_the_cli(tmp_path, shared_cache):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "run_shell.py",
+        "--recipe", *[str(RECIPES / name) for name in NEW_RECIPES],
+        "--dataset-config", str(SYNTHETIC), "--shots", "2", "--seeds", "1",
+        *small_opts(tmp_path, shared_cache)[2:], "OUTPUT_DIR", str(out),
+        "OPTIM.MAX_ITERS", "2", "OPTIM.BATCH_SIZE", "8",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_trainer = {}
+    for path in out.rglob("results.json"):
+        results = json.loads(path.read_text())
+        by_trainer[results["config"]["TRAINER"]["NAME"]] = results
+    assert set(by_trainer) == set(NEW_RECIPES.values())
+    for name, results in by_trainer.items():
+        assert results["status"] == "complete", (name, results.get("error"))
+        assert np.isfinite(results["metrics"]["test"]["accuracy"])
