@@ -246,6 +246,12 @@ class TrainerBase(abc.ABC):
         optim = self.cfg.OPTIM
         return torch.optim.AdamW(build_param_groups(named, optim.WEIGHT_DECAY), lr=optim.LR)
 
+    def num_warmup_iterations(self, total: int) -> int:
+        """Warm-up steps of the schedule: OPTIM.WARMUP_ITERS, else OPTIM.WARMUP_FRACTION x total
+        (epoch-based methods override it with one epoch's steps)."""
+        optim = self.cfg.OPTIM
+        return optim.WARMUP_ITERS or round(optim.WARMUP_FRACTION * total)
+
     def build_sampler(self, train: ImageSet):
         name = self.node.get("SAMPLER", "uniform") if self.node is not None else "uniform"
         return SAMPLERS.get(name)(train.labels, self.generator, self.node)

@@ -137,10 +137,62 @@ def test_alpha_and_beta_are_searched_on_validation_only(
     assert training["beta"] in build_search_grid(13, 200)
 
 
+# ----- the Dassl epoch schedule (CoOp line) ------------------------------------------------------
+def test_epochs_follow_coops_configs_by_shots():
+    from fewclip.epoch_schedule import epochs_for_shots, iterations_per_epoch
+
+    table = ([1, 2, 4, 8, 16], [50, 100, 100, 200, 200])
+    assert [epochs_for_shots(*table, k) for k in (1, 2, 3, 4, 8, 16, 32)] == [
+        50, 100, 100, 100, 200, 200, 200,
+    ]  # fmt: skip
+    # Dassl drops the last short batch once the set holds a batch (data_manager.py:43)
+    assert [iterations_per_epoch(n, 32) for n in (4, 31, 32, 63, 64, 100)] == [1, 1, 1, 1, 2, 3]
+
+
+def test_constant_warmup_then_cosine(fast_opts):
+    from fewclip.hooks import FitContext, LearningRateHook
+    from fewclip_trainers.clip_adapter import CLIPAdapter
+
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "0", "OPTIM.BATCH_SIZE", "32"]
+    cfg = build_config(RECIPES / "clip_adapter.yaml", SYNTHETIC, opts)
+    trainer = CLIPAdapter.__new__(CLIPAdapter)  # the schedule needs only cfg, node and N
+    trainer.cfg, trainer.node, trainer.num_train = cfg, cfg.TRAINER.CLIPADAPTER, 8
+    total = trainer.num_iterations()
+    assert total == 100  # 2 shots -> 100 epochs of one batch
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ctx = FitContext(trainer, None, None, None, optimizer, None, [], total)
+    lrs = []
+    for step in range(total):
+        ctx.step = step
+        LearningRateHook().before_step(ctx)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == 1e-5  # one epoch at Dassl's WARMUP_CONS_LR
+    expected = [2e-3 * 0.5 * (1 + math.cos(math.pi * (t - 1) / 99)) for t in range(1, total)]
+    np.testing.assert_allclose(lrs[1:], expected, rtol=1e-9, atol=1e-12)
+
+
+# ----- CLIP-Adapter ------------------------------------------------------------------------------
+def test_clip_adapter_blend_and_scale_invariance():
+    from fewclip_trainers.clip_adapter import FeatureAdapter, blend_adapted
+
+    torch.manual_seed(0)
+    adapter = FeatureAdapter(8, 4)
+    raw = torch.randn(5, 8) * 3.0
+    w1, w2 = adapter.fc[0].weight, adapter.fc[2].weight
+    by_hand = torch.relu(torch.relu(raw @ w1.t()) @ w2.t())  # bias-free, ReLU after each layer
+    torch.testing.assert_close(adapter(raw), by_hand)
+    source = 0.2 * by_hand + 0.8 * raw  # clip_adapter.py:104-105 on raw features, then normalise
+    source = source / source.norm(dim=-1, keepdim=True)
+    unit = F.normalize(raw, dim=-1)  # fewclip reads the cached unit-norm features
+    torch.testing.assert_close(blend_adapted(unit, adapter(unit), 0.2), source)
+    assert w1.shape == (2, 8) and w2.shape == (8, 2)
+
+
 # ----- every new recipe end to end through the command line ------------------------------------
 NEW_RECIPES = {
     "tip_adapter.yaml": "TipAdapter",
     "tip_adapter_f.yaml": "TipAdapterF",
+    "clip_adapter.yaml": "CLIPAdapter",
 }
 
 

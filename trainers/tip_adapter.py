@@ -148,7 +148,8 @@ class TipAdapter(TrainerBase):
 
     # ----- logits -------------------------------------------------------------------------------
     def on_eval_start(self) -> None:
-        self.class_text = self.frozen_text_features(self.node.PROMPT_LEVEL)
+        if getattr(self, "class_text", None) is None:  # a trainer restored from a checkpoint
+            self.class_text = self.frozen_text_features(self.node.PROMPT_LEVEL)
 
     def compute_logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         clip_logits = self.node.LOGIT_SCALE * features @ self.class_text.to(features.dtype).t()
