@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_trainers import build_everything
 
 from fewclip.cache_model import (
     CacheModel,
@@ -188,11 +189,69 @@ def test_clip_adapter_blend_and_scale_invariance():
     assert w1.shape == (2, 8) and w2.shape == (8, 2)
 
 
+# ----- CoOp ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from fewclip.backbones import build_clip
+    from fewclip.config import get_cfg_defaults
+
+    cfg = get_cfg_defaults()
+    cfg.MODEL.NAME = "tiny-vit"
+    return build_clip(cfg.MODEL)
+
+
+NAMES = ["normal", "squamous cell carcinoma"]  # one word; several BPE tokens
+
+
+@pytest.mark.parametrize(
+    "position, template",
+    [
+        ("end", "one two three four {}."),
+        ("middle", "one two {} three four."),
+        ("front", "{} one two three four."),
+    ],
+)
+def test_prompt_assembly_gives_the_expected_token_sequence(tiny_clip, position, template):
+    from fewclip.prompt_learning import PromptLearner, embed_tokens
+
+    model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
+    learner = PromptLearner(model, tokenizer, NAMES, 4, "", False, position)
+    with torch.no_grad():  # the context = the embeddings of four words
+        learner.ctx.copy_(embed_tokens(model, tokenizer(["one two three four"]))[0, 1:5])
+        expected = embed_tokens(model, tokenizer([template.format(n) for n in NAMES]))
+    assert learner.name_lengths[0] == 1 and learner.name_lengths[1] > 1
+    torch.testing.assert_close(learner(), expected)
+
+
+def test_initialised_context_reproduces_the_hand_written_prompt(tiny_clip):
+    from fewclip.prompt_learning import PromptLearner, encode_prompt_embeddings
+
+    model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
+    for csc in (False, True):
+        learner = PromptLearner(model, tokenizer, NAMES, 16, "a photo of a", csc, "end")
+        assert learner.ctx.shape == ((2, 4, 64) if csc else (4, 64))
+        with torch.no_grad():
+            got = encode_prompt_embeddings(model, learner(), learner.tokens)
+            expected = model.encode_text(tokenizer([f"a photo of a {n}." for n in NAMES]))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_reaches_the_context_through_the_frozen_text_tower(fast_opts):
+    from fewclip_trainers.coop import CoOp
+
+    *_, trainer, _, _, _ = build_everything("CoOp", fast_opts)
+    assert isinstance(trainer, CoOp) and trainer.prompt_learner.ctx.shape == (16, 64)
+    trainer.compute_class_text().pow(2).sum().backward()
+    assert trainer.prompt_learner.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in trainer.clip.parameters())
+
+
 # ----- every new recipe end to end through the command line ------------------------------------
 NEW_RECIPES = {
     "tip_adapter.yaml": "TipAdapter",
     "tip_adapter_f.yaml": "TipAdapterF",
     "clip_adapter.yaml": "CLIPAdapter",
+    "coop.yaml": "CoOp",
 }
 
 

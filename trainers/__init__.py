@@ -16,6 +16,7 @@ from . import (  # noqa: E402, F401
     camvla,
     clip_adapter,
     clip_lora,
+    coop,
     linear_probe,
     savlt,
     tip_adapter,
