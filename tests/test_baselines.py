@@ -246,12 +246,44 @@ def test_gradient_reaches_the_context_through_the_frozen_text_tower(fast_opts):
     assert all(p.grad is None for p in trainer.clip.parameters())
 
 
+# ----- KgCoOp ----------------------------------------------------------------------------------
+def test_knowledge_term_is_the_sources_and_half_the_mean_squared_distance():
+    from fewclip_trainers.kgcoop import compute_knowledge_term
+
+    generator = torch.Generator().manual_seed(3)
+    learned = F.normalize(torch.randn(4, 6, generator=generator), dim=-1)
+    hand = F.normalize(torch.randn(4, 6, generator=generator), dim=-1)
+    cosines = [float(learned[c] @ hand[c]) for c in range(4)]  # kgcoop.py:238-241 by hand
+    expected = 1.0 - sum(cosines) / 4
+    term = compute_knowledge_term(learned, hand)
+    assert float(term) == pytest.approx(expected, abs=1e-6)
+    squared = ((learned - hand) ** 2).sum(dim=1).mean()  # the paper's mean ||w - w_clip||^2
+    assert float(term) == pytest.approx(float(squared) / 2, abs=1e-6)
+    assert float(compute_knowledge_term(hand, hand)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kgcoop_loss_is_ce_plus_eight_times_the_term(fast_opts):
+    from fewclip_trainers.kgcoop import compute_knowledge_term
+
+    cfg, _, _, trainer, train, _, _ = build_everything("KgCoOp", fast_opts)
+    assert cfg.TRAINER.KGCOOP.WEIGHT == 8.0 and trainer.prompt_learner.ctx.shape == (4, 64)
+    trainer.prepare(train)
+    images = trainer.input_tensor(train.images[:4])
+    labels = torch.as_tensor(train.labels[:4])
+    losses = trainer.compute_losses(images, labels, np.arange(4))
+    text = trainer.compute_class_text()
+    expected = 8.0 * compute_knowledge_term(text, trainer.hand_crafted)
+    torch.testing.assert_close(losses["knowledge"], expected)
+    assert float(losses["knowledge"].detach()) > 0
+
+
 # ----- every new recipe end to end through the command line ------------------------------------
 NEW_RECIPES = {
     "tip_adapter.yaml": "TipAdapter",
     "tip_adapter_f.yaml": "TipAdapterF",
     "clip_adapter.yaml": "CLIPAdapter",
     "coop.yaml": "CoOp",
+    "kgcoop.yaml": "KgCoOp",
 }
 
 

@@ -17,6 +17,7 @@ from . import (  # noqa: E402, F401
     clip_adapter,
     clip_lora,
     coop,
+    kgcoop,
     linear_probe,
     savlt,
     tip_adapter,
