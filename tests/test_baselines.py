@@ -277,6 +277,33 @@ def test_kgcoop_loss_is_ce_plus_eight_times_the_term(fast_opts):
     assert float(losses["knowledge"].detach()) > 0
 
 
+# ----- CoCoOp ----------------------------------------------------------------------------------
+def test_cocoop_meta_net_shapes_and_batched_prompts_equal_the_sources_loop(fast_opts):
+    from fewclip.prompt_learning import encode_prompt_embeddings
+
+    cfg, _, _, trainer, train, _, _ = build_everything("CoCoOp", fast_opts)
+    meta = trainer.network["meta_net"]
+    assert meta.linear1.weight.shape == (64 // 16, 64) and meta.linear2.weight.shape == (64, 4)
+    learner = trainer.prompt_learner
+    assert learner.ctx.shape == (4, 64)  # "a photo of a"
+    features = trainer.encode_images(trainer.input_tensor(train.images[:3]))
+    with torch.no_grad():
+        meta.linear2.bias.normal_()  # a visible bias, so a wrong shift would show
+        bias = meta(features)
+        assert bias.shape == (3, 64)
+        batched = trainer.compute_logits_from_features(features)
+        assert batched.shape == (3, len(trainer.class_names))
+        for i in range(3):  # cocoop.py:155-189, one image at a time
+            prompts = learner(context=learner.ctx + bias[i])
+            text = encode_prompt_embeddings(trainer.clip, prompts, learner.tokens)
+            text = text / text.norm(dim=-1, keepdim=True)
+            logits = trainer.clip.logit_scale.exp() * features[i] @ text.t()
+            torch.testing.assert_close(batched[i], logits, atol=1e-4, rtol=1e-5)
+        trainer.node.defrost()
+        trainer.node.PROMPT_CHUNK = 4  # one image per text-tower call: the same logits
+        torch.testing.assert_close(trainer.compute_logits_from_features(features), batched)
+
+
 # ----- every new recipe end to end through the command line ------------------------------------
 NEW_RECIPES = {
     "tip_adapter.yaml": "TipAdapter",
@@ -284,6 +311,7 @@ NEW_RECIPES = {
     "clip_adapter.yaml": "CLIPAdapter",
     "coop.yaml": "CoOp",
     "kgcoop.yaml": "KgCoOp",
+    "cocoop.yaml": "CoCoOp",
 }
 
 

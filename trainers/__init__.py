@@ -16,6 +16,7 @@ from . import (  # noqa: E402, F401
     camvla,
     clip_adapter,
     clip_lora,
+    cocoop,
     coop,
     kgcoop,
     linear_probe,
