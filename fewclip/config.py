@@ -128,6 +128,7 @@ def get_cfg_defaults() -> CfgNode:
     cfg.OPTIM.MIN_LR = 1e-6  # cosine schedule floor
     cfg.OPTIM.WARMUP_ITERS = 0  # linear warm-up iterations
     cfg.OPTIM.WARMUP_FRACTION = 0.0  # warm-up as a share of the iterations (if WARMUP_ITERS is 0)
+    cfg.OPTIM.WARMUP_CONSTANT_LR = 0.0  # > 0: warm-up holds this lr (Dassl's constant warm-up)
     cfg.OPTIM.ITERS_PER_SHOT = 50  # iterations = ITERS_PER_SHOT x NUM_SHOTS (as CLIP-LoRA)
     cfg.OPTIM.MAX_ITERS = 0  # if > 0, overrides ITERS_PER_SHOT
     cfg.OPTIM.BATCH_SIZE = 32  # training batch size

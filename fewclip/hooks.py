@@ -100,15 +100,18 @@ def compute_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> f
 
 class LearningRateHook(Hook):
     """OPTIM.LR with a linear warm-up (OPTIM.WARMUP_ITERS steps, or OPTIM.WARMUP_FRACTION of
-    all steps), then cosine down to OPTIM.MIN_LR."""
+    all steps, or the trainer's `num_warmup_iterations`), then cosine down to OPTIM.MIN_LR.
+    OPTIM.WARMUP_CONSTANT_LR > 0 holds that lr during the warm-up instead of the ramp."""
 
     def before_step(self, ctx: FitContext) -> None:
         optim = ctx.trainer.cfg.OPTIM
         min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
-        warmup = optim.WARMUP_ITERS or round(optim.WARMUP_FRACTION * ctx.total)
-        factor = compute_lr_factor(ctx.step, ctx.total, warmup, min_ratio)
+        warmup = ctx.trainer.num_warmup_iterations(ctx.total)
+        lr = optim.LR * compute_lr_factor(ctx.step, ctx.total, warmup, min_ratio)
+        if ctx.step < warmup and optim.WARMUP_CONSTANT_LR > 0:
+            lr = optim.WARMUP_CONSTANT_LR
         for group in ctx.optimizer.param_groups:
-            group["lr"] = optim.LR * factor
+            group["lr"] = lr
 
 
 class DistributedHook(Hook):

@@ -240,6 +240,18 @@ class TrainerBase(abc.ABC):
         optim = self.cfg.OPTIM
         return optim.MAX_ITERS or optim.ITERS_PER_SHOT * max(1, self.cfg.DATASET.NUM_SHOTS)
 
+    def build_optimizer(self, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (OPTIM.LR, OPTIM.WEIGHT_DECAY); a method whose
+        source uses another optimiser (CoOp's SGD) overrides this."""
+        optim = self.cfg.OPTIM
+        return torch.optim.AdamW(build_param_groups(named, optim.WEIGHT_DECAY), lr=optim.LR)
+
+    def num_warmup_iterations(self, total: int) -> int:
+        """Warm-up steps of the schedule: OPTIM.WARMUP_ITERS, else OPTIM.WARMUP_FRACTION x total
+        (epoch-based methods override it with one epoch's steps)."""
+        optim = self.cfg.OPTIM
+        return optim.WARMUP_ITERS or round(optim.WARMUP_FRACTION * total)
+
     def build_sampler(self, train: ImageSet):
         name = self.node.get("SAMPLER", "uniform") if self.node is not None else "uniform"
         return SAMPLERS.get(name)(train.labels, self.generator, self.node)
@@ -260,7 +272,7 @@ class TrainerBase(abc.ABC):
             train=train,
             val=val,
             evaluate_fn=evaluate_fn,
-            optimizer=torch.optim.AdamW(build_param_groups(named, optim.WEIGHT_DECAY), lr=optim.LR),
+            optimizer=self.build_optimizer(named),
             batches=BatchStream(self.build_sampler(train), batch_size),
             params=[p for _, p in named],
             total=self.num_iterations(),

@@ -11,4 +11,17 @@ if __name__ != "fewclip_trainers":
         "(pip install -e . in the fewclip folder)"
     )
 
-from . import amlpf, camvla, clip_lora, linear_probe, savlt, vit_teacher, zeroshot  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    amlpf,
+    camvla,
+    clip_adapter,
+    clip_lora,
+    cocoop,
+    coop,
+    kgcoop,
+    linear_probe,
+    savlt,
+    tip_adapter,
+    vit_teacher,
+    zeroshot,
+)

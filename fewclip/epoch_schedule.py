@@ -1,0 +1,64 @@
+"""Epoch-based training of the Dassl.pytorch line (CoOp, CoCoOp, KgCoOp, CLIP-Adapter): SGD, a
+number of epochs that depends on the shots, one constant warm-up epoch, then cosine.
+
+fewclip's loop counts iterations, so the epochs become iterations here: Dassl drops the last
+short batch when the training set holds at least one batch (dassl/data/data_manager.py:43), so an
+epoch is floor(N / B) iterations, or 1 when N < B. A trainer using these keys overrides
+`num_iterations`, `num_warmup_iterations` and `build_optimizer` with the functions below.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from yacs.config import CfgNode
+
+
+def add_epoch_keys(node: CfgNode, shots: list[int], epochs: list[int]) -> CfgNode:
+    """The epoch keys of a trainer node (CoOp's configs as defaults where the caller gives them)."""
+    node.EPOCH_SHOTS = list(shots)  # shot counts of the EPOCHS table
+    node.EPOCHS = list(epochs)  # epochs for those shot counts (the first listed >= NUM_SHOTS)
+    node.WARMUP_EPOCHS = 1  # warm-up epochs at OPTIM.WARMUP_CONSTANT_LR (Dassl WARMUP_EPOCH)
+    node.MOMENTUM = 0.9  # SGD momentum (Dassl OPTIM.MOMENTUM)
+    return node
+
+
+def epochs_for_shots(shots_table: list[int], epochs_table: list[int], shots: int) -> int:
+    """Epochs of the first listed shot count >= `shots` (the last entry beyond the table)."""
+    if len(shots_table) != len(epochs_table) or not shots_table:
+        raise ValueError(
+            f"EPOCH_SHOTS {shots_table} and EPOCHS {epochs_table} must be non-empty lists of "
+            "the same length"
+        )
+    for listed, epochs in sorted(zip(shots_table, epochs_table)):
+        if listed >= shots:
+            return epochs
+    return sorted(zip(shots_table, epochs_table))[-1][1]
+
+
+def iterations_per_epoch(num_train: int, batch_size: int) -> int:
+    """Dassl's batches per epoch: floor(N / B) with drop_last when N >= B, else 1."""
+    return max(1, num_train // batch_size) if num_train >= batch_size else 1
+
+
+def epoch_iterations(node: CfgNode, optim: CfgNode, num_train: int, shots: int) -> int:
+    """Total iterations: OPTIM.MAX_ITERS if set, else epochs(shots) x iterations per epoch."""
+    if optim.MAX_ITERS:
+        return optim.MAX_ITERS
+    epochs = epochs_for_shots(list(node.EPOCH_SHOTS), list(node.EPOCHS), shots)
+    return epochs * iterations_per_epoch(num_train, optim.BATCH_SIZE)
+
+
+def warmup_iterations(node: CfgNode, optim: CfgNode, num_train: int, total: int) -> int:
+    """WARMUP_EPOCHS epochs of iterations, at most all but one of `total`."""
+    steps = node.WARMUP_EPOCHS * iterations_per_epoch(num_train, optim.BATCH_SIZE)
+    return min(steps, max(0, total - 1))
+
+
+def build_sgd(
+    named: list[tuple[str, nn.Parameter]], optim: CfgNode, momentum: float
+) -> torch.optim.Optimizer:
+    """SGD(lr, momentum, weight decay on every parameter), as Dassl's build_optimizer
+    (dassl/optim/optimizer.py:105-113; dampening 0, no Nesterov)."""
+    params = list({id(p): p for _, p in named}.values())
+    return torch.optim.SGD(params, lr=optim.LR, momentum=momentum, weight_decay=optim.WEIGHT_DECAY)

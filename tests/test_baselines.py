@@ -1,0 +1,337 @@
+"""The standard few-shot baselines: each formula on hand-made tensors against an independent
+re-implementation, validation-only selection, and every recipe end to end through run_shell.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_trainers import build_everything
+
+from fewclip.cache_model import (
+    CacheModel,
+    average_view_keys,
+    build_search_grid,
+    compute_tip_logits,
+    search_alpha_beta,
+)
+from fewclip.config import build_config
+from fewclip.run import execute_run
+
+ROOT = Path(__file__).resolve().parent.parent
+SYNTHETIC = ROOT / "configs" / "datasets" / "synthetic.yaml"
+RECIPES = ROOT / "configs" / "trainers"
+
+
+# ----- Tip-Adapter ------------------------------------------------------------------------------
+def test_tip_logits_match_the_papers_formula_written_out():
+    generator = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    keys = F.normalize(torch.randn(6, 8, generator=generator), dim=-1)
+    text = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    values = torch.eye(3)[labels]
+    alpha, beta = 1.7, 5.5
+    expected = torch.zeros(5, 3)
+    for n in range(5):  # element by element: 100 f.w_c + alpha sum_k exp(-beta (1 - f.k)) L_kc
+        for c in range(3):
+            cache = sum(
+                math.exp(-beta * (1 - float(features[n] @ keys[k]))) * float(values[k, c])
+                for k in range(6)
+            )
+            expected[n, c] = 100 * float(features[n] @ text[c]) + alpha * cache
+    got = compute_tip_logits(100 * features @ text.t(), features @ keys.t(), values, alpha, beta)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    cache = CacheModel(8, 3, alpha, beta, trainable=False)
+    cache.fill(keys, values)
+    torch.testing.assert_close(
+        cache(features, 100 * features @ text.t()), expected, atol=1e-4, rtol=1e-5
+    )
+
+
+def test_keys_average_the_raw_views_before_normalising():
+    views = torch.tensor([[[3.0, 0.0]], [[0.0, 1.0]]])  # one image, two views of unequal norm
+    expected = torch.tensor([[1.5, 0.5]]) / math.hypot(1.5, 0.5)
+    torch.testing.assert_close(average_view_keys(views), expected)
+
+
+def test_search_grid_is_the_sources():
+    assert build_search_grid(13, 20) == [i * 12.9 / 20 + 0.1 for i in range(20)]
+    assert build_search_grid(7, 200)[0] == pytest.approx(0.1)
+    assert build_search_grid(7, 200)[-1] == pytest.approx(199 * 6.9 / 200 + 0.1)
+
+
+def reference_search(clip_logits, affinity, values, labels, betas, alphas):
+    """The source's loop (utils.py:109-125), written out: accuracy, strict improvement."""
+    best_acc, best = 0.0, (0, 0)
+    for beta in betas:
+        for alpha in alphas:
+            logits = clip_logits + ((-1) * (beta - beta * affinity)).exp() @ values * alpha
+            acc = 100.0 * float((logits.argmax(1) == labels).float().sum()) / len(labels)
+            if acc > best_acc:
+                best_acc, best = acc, (beta, alpha)
+    return best, best_acc
+
+
+def test_search_on_a_toy_cache_finds_the_sources_pair():
+    # zero-shot text is wrong for class 1; only a large enough alpha lets the cache fix it
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    values = torch.eye(2)
+    text = torch.tensor([[0.8, 0.6], [0.6, 0.8]])
+    features = F.normalize(torch.tensor([[1.0, 0.1], [0.5, 1.0], [0.3, 1.0]]), dim=-1)
+    labels = torch.tensor([0, 1, 1])
+    clip_logits = 100 * features @ text.t()
+    clip_logits[1:, 1] -= 30  # text alone calls both class-1 images class 0
+    betas, alphas = build_search_grid(7, 10), build_search_grid(60, 12)
+    beta, alpha, score = search_alpha_beta(
+        clip_logits, features @ keys.t(), values, labels, betas, alphas
+    )
+    (ref_beta, ref_alpha), ref_acc = reference_search(
+        clip_logits, features @ keys.t(), values, labels, betas, alphas
+    )
+    assert (beta, alpha) == (ref_beta, ref_alpha) and score == pytest.approx(ref_acc / 100)
+    assert score == 1.0 and alpha > alphas[0]  # the search moved off the first pair
+    zero_shot = (clip_logits.argmax(1) == labels).float().mean()
+    assert zero_shot < 1.0
+
+
+def small_opts(tmp_path: Path, shared_cache: Path) -> list[str]:
+    return [
+        "OUTPUT_DIR", str(tmp_path / "out"), "CACHE_DIR", str(shared_cache),
+        "MODEL.NAME", "tiny-vit", "DATASET.SYNTHETIC.IMAGES_PER_CLASS", "12",
+        "DATASET.NUM_SHOTS", "2", "DATASET.VAL_SHOTS", "2", "EVAL.BATCH_SIZE", "64",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("recipe", ["tip_adapter.yaml", "tip_adapter_f.yaml"])
+def test_alpha_and_beta_are_searched_on_validation_only(
+    recipe, tmp_path, shared_cache, monkeypatch
+):
+    """The search sees the validation images and labels and nothing else: if it were handed the
+    test split (or the training shots), its inputs would differ in size or labels."""
+    import fewclip_trainers.tip_adapter as tip
+
+    seen = []
+
+    def spy(clip_logits, affinity, values, labels, betas, alphas, metric="accuracy"):
+        seen.append((clip_logits.clone(), labels.cpu().numpy().copy()))
+        return search_alpha_beta(clip_logits, affinity, values, labels, betas, alphas, metric)
+
+    monkeypatch.setattr(tip, "search_alpha_beta", spy)
+    opts = [*small_opts(tmp_path, shared_cache), "OPTIM.MAX_ITERS", "2"]
+    cfg = build_config(RECIPES / recipe, SYNTHETIC, opts)
+    results = execute_run(cfg)
+    assert results["status"] == "complete", results.get("error")
+    ((clip_logits, labels),) = seen
+    assert len(labels) == results["split"]["num_val"] == 2 * 4  # VAL_SHOTS x classes
+    assert results["metrics"]["test"]["num_samples"] != len(labels)
+    training = results["training"]
+    assert training["searched"] and training["alpha"] in build_search_grid(13, 20)
+    assert training["beta"] in build_search_grid(13, 200)
+
+
+# ----- the Dassl epoch schedule (CoOp line) ------------------------------------------------------
+def test_epochs_follow_coops_configs_by_shots():
+    from fewclip.epoch_schedule import epochs_for_shots, iterations_per_epoch
+
+    table = ([1, 2, 4, 8, 16], [50, 100, 100, 200, 200])
+    assert [epochs_for_shots(*table, k) for k in (1, 2, 3, 4, 8, 16, 32)] == [
+        50, 100, 100, 100, 200, 200, 200,
+    ]  # fmt: skip
+    # Dassl drops the last short batch once the set holds a batch (data_manager.py:43)
+    assert [iterations_per_epoch(n, 32) for n in (4, 31, 32, 63, 64, 100)] == [1, 1, 1, 1, 2, 3]
+
+
+def test_constant_warmup_then_cosine(fast_opts):
+    from fewclip.hooks import FitContext, LearningRateHook
+    from fewclip_trainers.clip_adapter import CLIPAdapter
+
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "0", "OPTIM.BATCH_SIZE", "32"]
+    cfg = build_config(RECIPES / "clip_adapter.yaml", SYNTHETIC, opts)
+    trainer = CLIPAdapter.__new__(CLIPAdapter)  # the schedule needs only cfg, node and N
+    trainer.cfg, trainer.node, trainer.num_train = cfg, cfg.TRAINER.CLIPADAPTER, 8
+    total = trainer.num_iterations()
+    assert total == 100  # 2 shots -> 100 epochs of one batch
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ctx = FitContext(trainer, None, None, None, optimizer, None, [], total)
+    lrs = []
+    for step in range(total):
+        ctx.step = step
+        LearningRateHook().before_step(ctx)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[0] == 1e-5  # one epoch at Dassl's WARMUP_CONS_LR
+    expected = [2e-3 * 0.5 * (1 + math.cos(math.pi * (t - 1) / 99)) for t in range(1, total)]
+    np.testing.assert_allclose(lrs[1:], expected, rtol=1e-9, atol=1e-12)
+
+
+# ----- CLIP-Adapter ------------------------------------------------------------------------------
+def test_clip_adapter_blend_and_scale_invariance():
+    from fewclip_trainers.clip_adapter import FeatureAdapter, blend_adapted
+
+    torch.manual_seed(0)
+    adapter = FeatureAdapter(8, 4)
+    raw = torch.randn(5, 8) * 3.0
+    w1, w2 = adapter.fc[0].weight, adapter.fc[2].weight
+    by_hand = torch.relu(torch.relu(raw @ w1.t()) @ w2.t())  # bias-free, ReLU after each layer
+    torch.testing.assert_close(adapter(raw), by_hand)
+    source = 0.2 * by_hand + 0.8 * raw  # clip_adapter.py:104-105 on raw features, then normalise
+    source = source / source.norm(dim=-1, keepdim=True)
+    unit = F.normalize(raw, dim=-1)  # fewclip reads the cached unit-norm features
+    torch.testing.assert_close(blend_adapted(unit, adapter(unit), 0.2), source)
+    assert w1.shape == (2, 8) and w2.shape == (8, 2)
+
+
+# ----- CoOp ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from fewclip.backbones import build_clip
+    from fewclip.config import get_cfg_defaults
+
+    cfg = get_cfg_defaults()
+    cfg.MODEL.NAME = "tiny-vit"
+    return build_clip(cfg.MODEL)
+
+
+NAMES = ["normal", "squamous cell carcinoma"]  # one word; several BPE tokens
+
+
+@pytest.mark.parametrize(
+    "position, template",
+    [
+        ("end", "one two three four {}."),
+        ("middle", "one two {} three four."),
+        ("front", "{} one two three four."),
+    ],
+)
+def test_prompt_assembly_gives_the_expected_token_sequence(tiny_clip, position, template):
+    from fewclip.prompt_learning import PromptLearner, embed_tokens
+
+    model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
+    learner = PromptLearner(model, tokenizer, NAMES, 4, "", False, position)
+    with torch.no_grad():  # the context = the embeddings of four words
+        learner.ctx.copy_(embed_tokens(model, tokenizer(["one two three four"]))[0, 1:5])
+        expected = embed_tokens(model, tokenizer([template.format(n) for n in NAMES]))
+    assert learner.name_lengths[0] == 1 and learner.name_lengths[1] > 1
+    torch.testing.assert_close(learner(), expected)
+
+
+def test_initialised_context_reproduces_the_hand_written_prompt(tiny_clip):
+    from fewclip.prompt_learning import PromptLearner, encode_prompt_embeddings
+
+    model, tokenizer = tiny_clip.model, tiny_clip.tokenizer
+    for csc in (False, True):
+        learner = PromptLearner(model, tokenizer, NAMES, 16, "a photo of a", csc, "end")
+        assert learner.ctx.shape == ((2, 4, 64) if csc else (4, 64))
+        with torch.no_grad():
+            got = encode_prompt_embeddings(model, learner(), learner.tokens)
+            expected = model.encode_text(tokenizer([f"a photo of a {n}." for n in NAMES]))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_reaches_the_context_through_the_frozen_text_tower(fast_opts):
+    from fewclip_trainers.coop import CoOp
+
+    *_, trainer, _, _, _ = build_everything("CoOp", fast_opts)
+    assert isinstance(trainer, CoOp) and trainer.prompt_learner.ctx.shape == (16, 64)
+    trainer.compute_class_text().pow(2).sum().backward()
+    assert trainer.prompt_learner.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in trainer.clip.parameters())
+
+
+# ----- KgCoOp ----------------------------------------------------------------------------------
+def test_knowledge_term_is_the_sources_and_half_the_mean_squared_distance():
+    from fewclip_trainers.kgcoop import compute_knowledge_term
+
+    generator = torch.Generator().manual_seed(3)
+    learned = F.normalize(torch.randn(4, 6, generator=generator), dim=-1)
+    hand = F.normalize(torch.randn(4, 6, generator=generator), dim=-1)
+    cosines = [float(learned[c] @ hand[c]) for c in range(4)]  # kgcoop.py:238-241 by hand
+    expected = 1.0 - sum(cosines) / 4
+    term = compute_knowledge_term(learned, hand)
+    assert float(term) == pytest.approx(expected, abs=1e-6)
+    squared = ((learned - hand) ** 2).sum(dim=1).mean()  # the paper's mean ||w - w_clip||^2
+    assert float(term) == pytest.approx(float(squared) / 2, abs=1e-6)
+    assert float(compute_knowledge_term(hand, hand)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kgcoop_loss_is_ce_plus_eight_times_the_term(fast_opts):
+    from fewclip_trainers.kgcoop import compute_knowledge_term
+
+    cfg, _, _, trainer, train, _, _ = build_everything("KgCoOp", fast_opts)
+    assert cfg.TRAINER.KGCOOP.WEIGHT == 8.0 and trainer.prompt_learner.ctx.shape == (4, 64)
+    trainer.prepare(train)
+    images = trainer.input_tensor(train.images[:4])
+    labels = torch.as_tensor(train.labels[:4])
+    losses = trainer.compute_losses(images, labels, np.arange(4))
+    text = trainer.compute_class_text()
+    expected = 8.0 * compute_knowledge_term(text, trainer.hand_crafted)
+    torch.testing.assert_close(losses["knowledge"], expected)
+    assert float(losses["knowledge"].detach()) > 0
+
+
+# ----- CoCoOp ----------------------------------------------------------------------------------
+def test_cocoop_meta_net_shapes_and_batched_prompts_equal_the_sources_loop(fast_opts):
+    from fewclip.prompt_learning import encode_prompt_embeddings
+
+    cfg, _, _, trainer, train, _, _ = build_everything("CoCoOp", fast_opts)
+    meta = trainer.network["meta_net"]
+    assert meta.linear1.weight.shape == (64 // 16, 64) and meta.linear2.weight.shape == (64, 4)
+    learner = trainer.prompt_learner
+    assert learner.ctx.shape == (4, 64)  # "a photo of a"
+    features = trainer.encode_images(trainer.input_tensor(train.images[:3]))
+    with torch.no_grad():
+        meta.linear2.bias.normal_()  # a visible bias, so a wrong shift would show
+        bias = meta(features)
+        assert bias.shape == (3, 64)
+        batched = trainer.compute_logits_from_features(features)
+        assert batched.shape == (3, len(trainer.class_names))
+        for i in range(3):  # cocoop.py:155-189, one image at a time
+            prompts = learner(context=learner.ctx + bias[i])
+            text = encode_prompt_embeddings(trainer.clip, prompts, learner.tokens)
+            text = text / text.norm(dim=-1, keepdim=True)
+            logits = trainer.clip.logit_scale.exp() * features[i] @ text.t()
+            torch.testing.assert_close(batched[i], logits, atol=1e-4, rtol=1e-5)
+        trainer.node.defrost()
+        trainer.node.PROMPT_CHUNK = 4  # one image per text-tower call: the same logits
+        torch.testing.assert_close(trainer.compute_logits_from_features(features), batched)
+
+
+# ----- every new recipe end to end through the command line ------------------------------------
+NEW_RECIPES = {
+    "tip_adapter.yaml": "TipAdapter",
+    "tip_adapter_f.yaml": "TipAdapterF",
+    "clip_adapter.yaml": "CLIPAdapter",
+    "coop.yaml": "CoOp",
+    "kgcoop.yaml": "KgCoOp",
+    "cocoop.yaml": "CoCoOp",
+}
+
+
+def test_every_baseline_recipe_runs_through_the_cli(tmp_path, shared_cache):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "run_shell.py",
+        "--recipe", *[str(RECIPES / name) for name in NEW_RECIPES],
+        "--dataset-config", str(SYNTHETIC), "--shots", "2", "--seeds", "1",
+        *small_opts(tmp_path, shared_cache)[2:], "OUTPUT_DIR", str(out),
+        "OPTIM.MAX_ITERS", "2", "OPTIM.BATCH_SIZE", "8",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_trainer = {}
+    for path in out.rglob("results.json"):
+        results = json.loads(path.read_text())
+        by_trainer[results["config"]["TRAINER"]["NAME"]] = results
+    assert set(by_trainer) == set(NEW_RECIPES.values())
+    for name, results in by_trainer.items():
+        assert results["status"] == "complete", (name, results.get("error"))
+        assert np.isfinite(results["metrics"]["test"]["accuracy"])
