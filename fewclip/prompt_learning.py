@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from open_clip.transformer import text_global_pool
 from torch import nn
 
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
@@ -29,7 +28,8 @@ def _text_modules(model: nn.Module) -> nn.Module:
     tower = model.text if hasattr(model, "text") else model
     if not all(hasattr(tower, n) for n in ("token_embedding", "positional_embedding", "ln_final")):
         raise ValueError(
-            f"prompt learning needs an open_clip text transformer, not {type(tower).__name__}"
+            f"prompt learning needs an open_clip text transformer, not {type(tower).__name__}:"
+            " CoOp, CoCoOp and KgCoOp do not run on Hugging Face text towers yet"
         )
     if getattr(tower, "cls_emb", None) is not None:
         raise ValueError("prompt learning: text towers with a class token are not supported")
@@ -57,6 +57,8 @@ def encode_prompt_embeddings(
     x = tower.ln_final(x)
     pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
     eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+    from open_clip.transformer import text_global_pool
+
     pooled = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
     projection = tower.text_projection
     if isinstance(projection, nn.Linear):

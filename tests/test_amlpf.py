@@ -186,7 +186,7 @@ def test_lora_student_and_frozen_scale_are_options():
         ("TRAINER.AMLPF.STUDENT", "text", "STUDENT 'text' is not one of full, lora"),
         ("TRAINER.AMLPF.LOGIT_SCALE", "fixed", "LOGIT_SCALE 'fixed' is not one of learned"),
         ("TRAINER.AMLPF.DIFFICULTY_ESTIMATE", "mean", "DIFFICULTY_ESTIMATE 'mean' is not one"),
-        ("TRAINER.AMLPF.SAMPLER", "balanced", "SAMPLER 'balanced' is not one of"),
+        ("TRAINER.AMLPF.SAMPLER", "balanced", "SAMPLER: unknown sampler 'balanced'. Registered: "),
         ("TRAINER.AMLPF.LEVELS", "[label, words]", "LEVELS .* each one of label, short"),
         ("TRAINER.AMLPF.MULTIVIEW.STRIDE", "0", "MULTIVIEW.STRIDE must be >= 1"),
     ],

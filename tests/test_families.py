@@ -277,7 +277,12 @@ PACKAGE_TRAINERS = [
     n for n in TRAINERS.names() if TRAINERS.get(n).__module__.startswith("fewclip_trainers.")
 ]
 # twin -> trainers whose method needs what that family lacks, and the one-line error they give
-NOT_APPLICABLE = {"resnet_twin": {"SAVLT": "no patch tokens", "CaMVLA": "no patch tokens"}}
+PROMPT_LEARNING = "prompt learning needs an open_clip text transformer"
+NOT_APPLICABLE = {
+    "resnet_twin": {"SAVLT": "no patch tokens", "CaMVLA": "no patch tokens"},
+    "timm_hf_twin": {name: PROMPT_LEARNING for name in ("CoOp", "CoCoOp", "KgCoOp")},
+    "hf_clip_twin": {name: PROMPT_LEARNING for name in ("CoOp", "CoCoOp", "KgCoOp")},
+}
 # the LoRA variants of trainers whose recipe trains something else
 LORA_VARIANTS = [
     ("AMLPF", ["TRAINER.AMLPF.STUDENT", "lora"]),

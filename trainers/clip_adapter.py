@@ -20,6 +20,7 @@ from yacs.config import CfgNode
 
 from fewclip.data import Item
 from fewclip.epoch_schedule import add_epoch_keys, build_sgd, epoch_iterations, warmup_iterations
+from fewclip.families import image_feature_dim
 from fewclip.registry import TRAINERS
 from fewclip.trainer import ImageSet, TrainerBase
 
@@ -64,7 +65,7 @@ class CLIPAdapter(TrainerBase):
     def build(self) -> None:
         if not 0.0 <= self.node.RATIO <= 1.0:
             raise ValueError(f"TRAINER.CLIPADAPTER.RATIO must be in [0, 1], not {self.node.RATIO}")
-        dim = self.clip.visual.output_dim
+        dim = image_feature_dim(self.clip)
         if self.node.REDUCTION < 1 or dim // self.node.REDUCTION < 1:
             raise ValueError(
                 f"TRAINER.CLIPADAPTER.REDUCTION {self.node.REDUCTION} must be in 1..{dim}"

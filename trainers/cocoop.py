@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
+from fewclip.families import image_feature_dim
 from fewclip.prompt_learning import encode_prompt_embeddings
 from fewclip.registry import TRAINERS
 
@@ -58,7 +59,7 @@ class CoCoOp(CoOp):
             raise ValueError("TRAINER.COCOOP.CSC True is not CoCoOp: its context is shared")
         super().build()
         width = self.prompt_learner.ctx.shape[-1]
-        self.network["meta_net"] = MetaNet(self.clip.visual.output_dim, width, self.node.REDUCTION)
+        self.network["meta_net"] = MetaNet(image_feature_dim(self.clip), width, self.node.REDUCTION)
 
     def conditioned_text(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, D) unit-norm class text features of each image's shifted context, for unit-norm

@@ -28,6 +28,7 @@ from fewclip.cache_model import (
     search_alpha_beta,
 )
 from fewclip.data import Item
+from fewclip.families import image_feature_dim
 from fewclip.features import autocast_context
 from fewclip.images import take_rows
 from fewclip.registry import TRAINERS
@@ -38,7 +39,7 @@ def embedding_dim(clip: nn.Module) -> int:
     """D of the joint image-text embedding space."""
     projection = getattr(clip, "text_projection", None)
     dim = projection.shape[-1] if isinstance(projection, torch.Tensor) else 0
-    return dim or clip.visual.output_dim
+    return dim or image_feature_dim(clip)
 
 
 @TRAINERS.register()
