@@ -123,7 +123,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.launcher == "local":
         if distributed.is_active() and args.jobs > 1:
             raise ConfigError("under torchrun the processes share each run: use --jobs 1")
-        results = run_cells(cells, jobs=args.jobs)
+        try:
+            results = run_cells(cells, jobs=args.jobs)
+        except KeyboardInterrupt:  # finished cells are saved; summarise them, then stop
+            path, table = write_report(sweep.root, primary=args.metric, compare_with=args.compare)
+            print(f"{table}\n\nsummary: {sweep.root / 'summary.md'}, report: {path}")
+            print("interrupted: the summary holds the complete cells; rerun the same command to "
+                  "run the rest (interrupted runs resume from their training state)")  # fmt: skip
+            return 130
     else:
         flags = {"partition": args.partition, "gpus": args.gpus, "time": args.time}
         options = resolve_slurm_options(
