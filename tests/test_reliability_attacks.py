@@ -20,7 +20,7 @@ from fewclip.distillation import load_teacher_file
 from fewclip.features import load_or_compute_features
 from fewclip.run import execute_run
 from fewclip.samplers import SAMPLERS
-from fewclip.stores import _STATE_OFFSET, FAILED, read_npy_header
+from fewclip.stores import _STATE_OFFSET, FAILED, RowStore, read_npy_header
 from fewclip.training_state import (
     MAGIC,
     BatchStream,
@@ -54,6 +54,10 @@ def pickle_files(tmp_path: Path) -> dict[str, bytes]:
     return {"pickle": raw, "torch.save": archive.read_bytes(), "npz": npz.read_bytes()}
 
 
+def compute_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(12, dtype=np.float32).reshape(4, 3)[rows], rows >= 0
+
+
 def one_warning(caplog, path: Path) -> None:
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 1 and str(path) in messages[0] and "\n" not in messages[0], messages
@@ -78,6 +82,14 @@ def test_a_pickle_payload_in_any_file_read_back_is_refused_without_running(tmp_p
         features = load_or_compute_features(cache, "key", lambda: torch.ones(2, 3))
         assert torch.equal(features, torch.ones(2, 3))  # rebuilt, not read
         one_warning(caplog, cache / "features" / "key.npz")
+        rows = np.arange(4)
+        RowStore(cache / "rows", "k", 4, np.float32).fill([rows], compute_rows)
+        for name in ("data.npy", "state.npy"):  # a store's arrays: never unpickled
+            (cache / "rows" / "k" / name).write_bytes(content)
+            store = RowStore(cache / "rows", "k", 4, np.float32)
+            store.fill([rows], compute_rows)
+            assert np.array_equal(store.read(rows), compute_rows(rows)[0])
+            one_warning(caplog, cache / "rows" / "k")
         for suffix, reader in ((".pt", read_state_dict), (".npz", load_teacher_file)):
             path = tmp_path / f"{kind}-file{suffix}"
             path.write_bytes(content)
