@@ -41,7 +41,19 @@ class CSVDataset(DatasetBase):
         node.GROUP_COLUMN = "group"  # optional patient/slide id kept whole by the split
         node.SPLIT_COLUMN = "split"  # optional official split: train, val, test
         node.MASK_COLUMN = "mask"  # optional region-of-interest mask path
+        node.ABSOLUTE_PATHS = False  # True: paths may be absolute or leave ROOT; False: refused
         return node
+
+    def _image_path(self, value: str, path: Path, line: int) -> Path:
+        """ROOT / value; a path that leaves ROOT is refused unless CSV.ABSOLUTE_PATHS."""
+        image = Path(os.path.abspath(self.root / value))
+        root = Path(os.path.abspath(self.root))
+        if not self.cfg.DATASET.CSV.ABSOLUTE_PATHS and not image.is_relative_to(root):
+            raise DatasetError(
+                f"{path} line {line}: path {value!r} leaves the data folder {root}; set "
+                "DATASET.CSV.ABSOLUTE_PATHS True if the table holds paths outside it"
+            )
+        return image
 
     def _csv_path(self) -> Path:
         name = self.cfg.DATASET.CSV.FILE
@@ -87,7 +99,7 @@ class CSVDataset(DatasetBase):
             split = (row.get(node.SPLIT_COLUMN) or "").strip().lower()
             if split not in SPLIT_NAMES:
                 raise DatasetError(f"{path} line {line}: split {split!r} is not train, val or test")
-            image = self.root / row[node.PATH_COLUMN].strip()
+            image = self._image_path(row[node.PATH_COLUMN].strip(), path, line)
             if not image.is_file():
                 missing.append(str(image))
             mask = (row.get(node.MASK_COLUMN) or "").strip()
@@ -99,7 +111,7 @@ class CSVDataset(DatasetBase):
                     center=(row.get(node.CENTER_COLUMN) or "").strip() or DEFAULT_CENTER,
                     group=(row.get(node.GROUP_COLUMN) or "").strip(),
                     split=SPLIT_NAMES[split],
-                    mask=os.path.abspath(self.root / mask) if mask else "",
+                    mask=str(self._image_path(mask, path, line)) if mask else "",
                 )
             )
         if missing:

@@ -34,6 +34,17 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_SWEEP = PROJECT_ROOT / "configs" / "sweeps" / "demo.yaml"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (`--jobs 0`, `--shots 0` are errors)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -41,11 +52,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweep", help="sweep YAML (default with no other flags: the demo sweep)")
     parser.add_argument("--recipe", nargs="+", default=[], help="trainer recipe YAML file(s)")
     parser.add_argument("--dataset-config", nargs="+", default=[], help="dataset YAML file(s)")
-    parser.add_argument("--shots", nargs="+", type=int, default=[], help="shot counts")
+    parser.add_argument("--shots", nargs="+", type=positive_int, default=[], help="shot counts")
     parser.add_argument(
         "--seeds", nargs="+", type=int, default=[], help="seeds (training and split)"
     )
-    parser.add_argument("--jobs", type=int, default=1, help="local worker processes")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="local worker processes")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and which are done")
     parser.add_argument(
         "--leave-one-center-out", action="store_true", help="one fold per held-out center"
@@ -129,7 +140,14 @@ def run(argv: list[str] | None = None) -> int:
     if args.launcher == "local":
         if distributed.is_active() and args.jobs > 1:
             raise ConfigError("under torchrun the processes share each run: use --jobs 1")
-        results = run_cells(cells, jobs=args.jobs)
+        try:
+            results = run_cells(cells, jobs=args.jobs)
+        except KeyboardInterrupt:  # finished cells are saved; summarise them, then stop
+            path, table = write_report(sweep.root, primary=args.metric, compare_with=args.compare)
+            print(f"{table}\n\nsummary: {sweep.root / 'summary.md'}, report: {path}")
+            print("interrupted: the summary holds the complete cells; rerun the same command to "
+                  "run the rest (interrupted runs resume from their training state)")  # fmt: skip
+            return 130
     else:
         from fewclip.launchers import resolve_slurm_options, submit_cells, wait_for_jobs
 

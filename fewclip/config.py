@@ -41,6 +41,13 @@ CHOICES = {
     "LORA.SCALING": ("alpha_over_r", "alpha_over_sqrt_r"),
     "DATASET.TRAIN_FRACTION_ROUNDING": ("floor", "ceil"),
     "EVAL.RETRIEVAL_NORMALISE": ("centre_then_normalise", "normalise_then_centre"),
+    "EVAL.SELECT": ("last", "best_val"),
+    "INPUT.AUGMENT": ("crop_flip", "none"),
+    "PRECISION": ("auto", "fp32", "bf16"),
+    "DATASET.SHOTS_PER": ("class", "class_center"),
+    "DATASET.INSUFFICIENT_SHOTS": ("error", "take_all"),
+    "LORA.ENCODER": ("vision", "text", "both"),
+    "LORA.TARGETS": ("q", "k", "v", "out", "mlp"),  # a list: each item is one of these
 }
 
 
@@ -238,8 +245,11 @@ def _coerce(value: Any, default: Any, key: str, source: str) -> Any:
 
 def check_choice(key: str, value: Any, source: str = "the config") -> None:
     """A key with declared CHOICES must hold one of them; the error names key and choices."""
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"{key} {value!r} in {source} is not one of {', '.join(CHOICES[key])}")
+    if key not in CHOICES:
+        return
+    for item in value if isinstance(value, (list, tuple)) else [value]:
+        if item not in CHOICES[key]:
+            raise ConfigError(f"{key} {item!r} in {source} is not one of {', '.join(CHOICES[key])}")
 
 
 def _initials(name: str) -> str:

@@ -108,7 +108,20 @@ def match_items_to_paths(items: Sequence[Item], paths: Sequence[str], source: st
 
 def load_teacher_file(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     """(class names, image paths, (N, C) logits) from an .npz with `class_names`, `paths` and
-    either `logits` (N, C) or `features` (N, D) with a linear head `weight` (C, D), `bias` (C,)."""
+    either `logits` (N, C) or `features` (N, D) with a linear head `weight` (C, D), `bias` (C,).
+    No pickle: an object array (or any unreadable content) is a one-line ValueError."""
+    try:
+        return _read_teacher_arrays(path)
+    except ValueError as error:
+        if str(path) in str(error):
+            raise
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"cannot read teacher file {path}: {message}") from None
+    except (OSError, EOFError, KeyError) as error:
+        raise ValueError(f"cannot read teacher file {path}: {error}") from None
+
+
+def _read_teacher_arrays(path: Path) -> tuple[list[str], list[str], torch.Tensor]:
     with np.load(path, allow_pickle=False) as data:
         keys = set(data.files)
         if not {"class_names", "paths"} <= keys or not (

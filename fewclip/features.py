@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import uuid
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from yacs.config import CfgNode
 from fewclip.images import ImageRows, iterate_image_batches, resize_rows, to_model_input
 from fewclip.stores import FILLED, RowStore
 
+LOGGER = logging.getLogger(__name__)
 _TEXT_FEATURES: dict[str, torch.Tensor] = {}  # this process's text features, by cache key
 
 
@@ -135,18 +138,47 @@ def compute_feature_key(*parts: str) -> str:
 def load_or_compute_features(
     cache_dir: str | Path | None, key: str, compute: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
-    """Return cached features for `key`, or compute, store atomically and return them."""
+    """Return cached features for `key`, or compute, store atomically and return them.
+
+    The file (`<cache>/features/<key>.npz`, no pickle) holds the features, its own key and a
+    CRC-32 of their bytes: a damaged or foreign file is reported in one line and rebuilt.
+    """
     if not cache_dir:
         return compute()
-    path = Path(cache_dir) / "features" / f"{key}.npy"
+    path = Path(cache_dir) / "features" / f"{key}.npz"
     if path.exists():
-        return torch.from_numpy(np.load(path))
+        cached = read_feature_file(path, key)
+        if cached is not None:
+            return cached
     features = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy.tmp", delete=False) as handle:
-        np.save(handle, features.numpy())
-    os.replace(handle.name, path)
+    array = np.ascontiguousarray(features.numpy())
+    checksum = np.uint32(zlib.crc32(array.tobytes()))
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, features=array, key=np.array(key), checksum=checksum)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # a full disk must not leave the temporary behind
     return features
+
+
+def read_feature_file(path: Path, key: str) -> torch.Tensor | None:
+    """The features of a cache file, or None (with one warning) when it is damaged or foreign."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            features, saved_key, checksum = data["features"], str(data["key"]), data["checksum"]
+        if saved_key != key:
+            problem = f"it holds the entry {saved_key!r}"
+        elif zlib.crc32(np.ascontiguousarray(features).tobytes()) != int(checksum):
+            problem = "checksum mismatch"
+        else:
+            return torch.from_numpy(features)
+    except Exception as error:  # any unreadable content (bad zip, pickle, missing member)
+        problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+    LOGGER.warning("rebuilding damaged feature cache %s (%s)", path, problem)
+    return None
 
 
 def load_image_features(

@@ -317,9 +317,13 @@ def write_atomic_bytes(path: Path, data: bytes, folder: Path | None = None) -> N
     folder = folder or path.parent
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        try:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except BaseException:  # a full disk (or a kill signal) leaves no temporary behind
+            os.unlink(handle.name)
+            raise
     os.replace(handle.name, path)
 
 

@@ -9,6 +9,7 @@ launcher runs the same job array as local processes (submitit's LocalExecutor), 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,34 @@ def resolve_slurm_options(spec: dict[str, Any], overrides: dict[str, Any]) -> di
             raise ConfigError(
                 f"slurm {key} must be {type(default).__name__}, got {options[key]!r}"
             ) from None
+    check_slurm_options(options)
     return options
+
+
+# What SLURM accepts (and what cannot break out of an #SBATCH line of the generated script).
+PARTITION_PATTERN = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+FOLDER_PATTERN = re.compile(r"[A-Za-z0-9_./%+=@:~-]+")
+MINIMUM = {"gpus": 0, "cpus": 1, "mem_gb": 1, "time": 1, "array_parallelism": 1}
+
+
+def check_slurm_options(options: dict[str, Any]) -> None:
+    """Refuse a field SLURM would not accept (a newline in a partition would put a command in
+    the job script): partition names are letters, digits, `_.-` and commas; the folder a path
+    without spaces, quotes or control characters; the counts at least their minimum."""
+    partition, folder = options["partition"], options["folder"]
+    if partition and not PARTITION_PATTERN.fullmatch(partition):
+        raise ConfigError(
+            f"slurm partition {partition!r} is not a SLURM partition name: use letters, digits, "
+            "'_', '.', '-' (several: comma-separated)"
+        )
+    if folder and not FOLDER_PATTERN.fullmatch(folder):
+        raise ConfigError(
+            f"slurm folder {folder!r} may hold only letters, digits and _./%+=@:~- (no spaces, "
+            "quotes or control characters)"
+        )
+    for key, minimum in MINIMUM.items():
+        if options[key] < minimum:
+            raise ConfigError(f"slurm {key} must be at least {minimum}, got {options[key]}")
 
 
 class CellTask:

@@ -200,23 +200,35 @@ def execute_run(cfg: CfgNode, decode_all: bool = True) -> dict[str, Any]:
     False (a one-off run) only the images this run reads; the store and its key are the same."""
     run_dir = resolve_run_dir(cfg)
     config_hash = compute_config_hash(cfg)
-    previous = broadcast_from_main(read_results(run_dir))  # torchrun: rank 0 decides for all
-    if previous is not None and previous.get("status") == COMPLETE:
-        if previous.get("config_hash") != config_hash:
-            raise ValueError(
-                f"{run_dir} holds complete results of a different config; "
-                "set another OUTPUT_DIR or RECIPE name for this variant"
-            )
-        return {**previous, "skipped": True}
+    previous = _complete_results(run_dir, config_hash)
+    if previous is not None:
+        return previous
     if is_main_process():
         check_output_writable(run_dir)
     lock = cell_lock(run_dir) if is_main_process() else contextlib.nullcontext(True)
     with lock as acquired:
         if not broadcast_from_main(acquired):
             return {"status": "locked", "run_dir": str(run_dir), "skipped": True}
+        previous = _complete_results(run_dir, config_hash)  # again: another process may have
+        if previous is not None:  # finished the cell between the first check and the lock
+            return previous
         if is_main_process():  # under torchrun only rank 0 writes the run's files
             (run_dir / "config.yaml").write_text(cfg.dump())
         return _run_locked(cfg, run_dir, config_hash, decode_all)
+
+
+def _complete_results(run_dir: Path, config_hash: str) -> dict[str, Any] | None:
+    """The cell's complete results as a skip notice, or None; complete results of another
+    config are an error (torchrun: rank 0 decides for all)."""
+    previous = broadcast_from_main(read_results(run_dir))
+    if previous is None or previous.get("status") != COMPLETE:
+        return None
+    if previous.get("config_hash") != config_hash:
+        raise ValueError(
+            f"{run_dir} holds complete results of a different config; "
+            "set another OUTPUT_DIR or RECIPE name for this variant"
+        )
+    return {**previous, "skipped": True}
 
 
 def _run_locked(

@@ -16,6 +16,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from yacs.config import CfgNode
 
@@ -256,8 +257,9 @@ def load_split_file(path: Path, dataset: DatasetBase, cfg: CfgNode) -> Split:
     raw = path.read_bytes()
     try:
         content = json.loads(raw)
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # invalid JSON or not text at all
         raise SplitError(f"split file {path} is not valid JSON: {error}") from None
+    check_split_content(path, content)
     if content.get("class_names") != list(dataset.class_names):
         raise SplitError(
             f"split file {path} was drawn for classes {content.get('class_names')}, "
@@ -307,14 +309,68 @@ def load_split_file(path: Path, dataset: DatasetBase, cfg: CfgNode) -> Split:
         center: items_of(entries, f"target {center}")
         for center, entries in content["targets"].items()
     }
+    parts = {part: items_of(content[part], part) for part in ("train", "val", "test")}
+    check_split_parts(path, parts, targets)
     return Split(
-        train=items_of(content["train"], "train"),
-        val=items_of(content["val"], "val"),
-        test=items_of(content["test"], "test"),
+        train=parts["train"],
+        val=parts["val"],
+        test=parts["test"],
         targets=targets,
         path=path,
         sha1=hashlib.sha1(raw).hexdigest(),
     )
+
+
+SPLIT_KEYS = ("class_names", "items_hash", "train", "val", "test", "targets")
+
+
+def check_split_content(path: Path, content: Any) -> None:
+    """The file's shape: an object with every key, each part a list of [path, label] pairs."""
+    if not isinstance(content, dict):
+        raise SplitError(f"split file {path} must hold a JSON object; delete it to draw again")
+    missing = [key for key in SPLIT_KEYS if key not in content]
+    if missing:
+        raise SplitError(f"split file {path} has no key {missing[0]!r}; delete it to draw again")
+    if not isinstance(content["targets"], dict):
+        raise SplitError(f"split file {path}: 'targets' must map each center to a list")
+    lists = {part: content[part] for part in ("train", "val", "test")}
+    lists.update({f"target {c}": entries for c, entries in content["targets"].items()})
+    for part, entries in lists.items():
+        pairs = isinstance(entries, list) and all(
+            isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in entries
+        )
+        if not pairs:
+            raise SplitError(f"split file {path} ({part}) must be a list of [path, label] pairs")
+
+
+def check_split_parts(path: Path, parts: dict[str, list[Item]], targets: dict) -> None:
+    """Refuse an edited split: a duplicate entry, an image in two of train/val/test (a leak), or
+    a group (patient, slide) in two of them, unless the dataset's official split put it there."""
+    seen: dict[str, str] = {}
+    for part, items in [*parts.items(), *((f"target {c}", i) for c, i in targets.items())]:
+        local: set[str] = set()
+        for item in items:
+            if item.path in local:
+                raise SplitError(f"split file {path} lists {item.path} twice in {part}")
+            local.add(item.path)
+            if not part.startswith("target") and item.path in seen:
+                raise SplitError(
+                    f"split file {path} puts {item.path} in both {seen[item.path]} and {part} "
+                    "(a leak); delete the file to draw a new split"
+                )
+            seen.setdefault(item.path, part)
+    group_part: dict[str, tuple[str, str]] = {}
+    for part, items in parts.items():
+        for item in items:
+            if not item.group:
+                continue
+            other, official = group_part.setdefault(item.group, (part, item.split))
+            # two official splits (say train and test) sharing a patient: the dataset's decision
+            if other != part and not (item.split and official and item.split != official):
+                raise SplitError(
+                    f"split file {path} puts group {item.group!r} in both {other} and {part}; "
+                    "delete the file to draw a new split"
+                )
 
 
 def build_split(dataset: DatasetBase, cfg: CfgNode) -> Split:

@@ -37,6 +37,7 @@ from fewclip.threads import (
     set_torch_threads,
     threads_per_worker,
 )
+from fewclip.workers import die_with_parent, stop_pool
 
 LOGGER = logging.getLogger(__name__)
 SWEEP_KEYS = {
@@ -262,9 +263,14 @@ _EVENTS: Path | None = None
 _CURRENT: int | None = None
 
 
-def _init_worker(threads: int, events: str, plugins: dict[str, list[str]]) -> None:
+def _init_worker(
+    threads: int, events: str, plugins: dict[str, list[str]], parent: int | None = None
+) -> None:
     global _EVENTS
+    if parent is not None:
+        die_with_parent(parent)
     _EVENTS = Path(events)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the sweep process stops the workers
     restore_plugins(plugins)  # the datasets and trainers the parent registered
     set_torch_threads(threads, automatic=True)  # before any torch work: inter-op threads too
     signal.signal(signal.SIGTERM, _on_terminate)
@@ -328,19 +334,26 @@ def _run_pool(
                 min(jobs, len(indices)),
                 mp_context=context,
                 initializer=_init_worker,
-                initargs=(threads, events, loaded_plugins()),
+                initargs=(threads, events, loaded_plugins(), os.getpid()),
             ) as pool:
-                futures = {pool.submit(_run_cell_in_worker, i, cells[i], extra): i for i in indices}
-                for future in as_completed(futures):
-                    index = futures[future]
-                    try:
-                        result = future.result()
-                    except BrokenProcessPool:
-                        broken.append(index)
-                        continue
-                    except Exception as error:  # the result could not come back
-                        result = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
-                    record(index, result)
+                try:
+                    futures = {
+                        pool.submit(_run_cell_in_worker, i, cells[i], extra): i for i in indices
+                    }
+                    for future in as_completed(futures):
+                        index = futures[future]
+                        try:
+                            result = future.result()
+                        except BrokenProcessPool:
+                            broken.append(index)
+                            continue
+                        except Exception as error:  # the result could not come back
+                            error_text = f"{type(error).__name__}: {error}"
+                            result = {"status": "failed", "error": error_text}
+                        record(index, result)
+                except KeyboardInterrupt:  # Ctrl-C: no cell starts; the running ones stop now
+                    stop_pool(pool)
+                    raise
             marks = {path.name for path in Path(events).iterdir()}
         killed = [i for i in broken if f"{i}.started" in marks and f"{i}.terminated" not in marks]
         for index in killed:
@@ -374,10 +387,12 @@ def run_cells(cells: Sequence[Cell], extra_opts: Sequence[str] = (), jobs: int =
         bar.set_postfix(counts, refresh=False)
         bar.update(1)
 
-    if jobs <= 1:
-        for index, cell in enumerate(cells):
-            record(index, run_cell(cell, extra, decode_all=len(cells) > 1))
-    else:
-        _run_pool(cells, extra, jobs, record)
-    bar.close()
+    try:  # Ctrl-C (KeyboardInterrupt) goes to the caller once the workers have stopped
+        if jobs <= 1:
+            for index, cell in enumerate(cells):
+                record(index, run_cell(cell, extra, decode_all=len(cells) > 1))
+        else:
+            _run_pool(cells, extra, jobs, record)
+    finally:
+        bar.close()
     return [r for r in results if r is not None]

@@ -19,7 +19,12 @@ from fewclip import images as images_module
 from fewclip.backbones import build_clip
 from fewclip.config import build_config
 from fewclip.data import ImageError, Item
-from fewclip.features import cached_text_features, load_image_features, load_or_compute_features
+from fewclip.features import (
+    cached_text_features,
+    load_image_features,
+    load_or_compute_features,
+    read_feature_file,
+)
 from fewclip.images import (
     ImageRows,
     ImageStore,
@@ -252,14 +257,15 @@ def test_concurrent_writers_of_one_feature_file_never_expose_half_a_file(tmp_pat
         process.start()
     reads = 0
     while any(process.is_alive() for process in writers) or reads == 0:
-        for path in (tmp_path / "features").glob("key-*.npy"):
-            array = np.load(path)  # whole, from one writer: one shape, one value
+        for path in (tmp_path / "features").glob("key-*.npz"):
+            array = read_feature_file(path, path.stem).numpy()  # whole, from one writer:
+            # one shape, one value
             assert array.shape == (256, 64) and (array == array[0, 0]).all()
             reads += 1
     for process in writers:
         process.join(30)
         assert process.exitcode == 0
-    assert len(list((tmp_path / "features").glob("key-*.npy"))) == 40
+    assert len(list((tmp_path / "features").glob("key-*.npz"))) == 40
     assert not list((tmp_path / "features").glob("*.tmp"))
 
 

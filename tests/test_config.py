@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fewclip.config import ConfigError, build_config
@@ -71,3 +73,32 @@ def test_list_values_keep_string_class_names(tmp_path):
     cfg = build_config(None, None, ["DATASET.CLASS_NAMES", "1,2,10", "LORA.LAYERS", "[0, 1]"])
     assert cfg.DATASET.CLASS_NAMES == ["1", "2", "10"]
     assert cfg.LORA.LAYERS == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "key, value, choices",
+    [
+        ("EVAL.SELECT", "best", "last, best_val"),
+        ("INPUT.AUGMENT", "flip", "crop_flip, none"),
+        ("PRECISION", "fp16", "auto, fp32, bf16"),
+        ("DATASET.SHOTS_PER", "center", "class, class_center"),
+        ("DATASET.INSUFFICIENT_SHOTS", "skip", "error, take_all"),
+        ("LORA.ENCODER", "image", "vision, text, both"),
+        ("LORA.TARGETS", "['q', 'proj']", "q, k, v, out, mlp"),
+    ],
+)
+def test_enumerated_keys_are_checked_at_config_time_with_their_choices(key, value, choices):
+    repo = Path(__file__).resolve().parent.parent
+    recipe = str(repo / "configs" / "trainers" / "clip_lora.yaml")
+    dataset = str(repo / "configs" / "datasets" / "synthetic.yaml")
+    with pytest.raises(ConfigError, match=f"{key} .* is not one of {choices}$"):
+        build_config(recipe, dataset, [key, value])
+
+
+@pytest.mark.parametrize("flags", [["--jobs", "0"], ["--shots", "4", "0"], ["--jobs", "-2"]])
+def test_non_positive_counts_on_the_command_line_are_errors(flags, capsys):
+    from fewclip.cli import parse_args
+
+    with pytest.raises(SystemExit) as error:
+        parse_args(flags)
+    assert error.value.code == 2 and "must be at least 1" in capsys.readouterr().err

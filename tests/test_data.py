@@ -191,3 +191,21 @@ def test_prompt_file_levels_and_missing_class(tmp_path):
         load_prompt_file(path, ["a", "c"])
     defaults = build_default_prompts(["high_grade"])
     assert defaults.texts("short") == [["a photo of high grade."]]
+
+
+@pytest.mark.parametrize("value", ["../outside.png", "/etc/passwd", "img/../../outside.png"])
+def test_csv_paths_that_leave_root_are_refused_unless_declared_absolute(tmp_path, make_cfg, value):
+    root = tmp_path / "data"
+    write_image(root / "img" / "a0.png", seed=0)
+    write_image(tmp_path / "outside.png", seed=1)
+    table = root / "table.csv"
+    table.write_text(f"path,label\nimg/a0.png,a\n{value},b\n")
+    cfg = make_cfg("CSVDataset")
+    cfg.DATASET.CSV.FILE = str(table)
+    with pytest.raises(DatasetError, match="leaves the data folder") as error:
+        CSVDataset(cfg).load_items()
+    assert "line 3" in str(error.value) and "ABSOLUTE_PATHS" in str(error.value)
+    if value != "/etc/passwd":  # declared: the outside image is read
+        cfg.DATASET.CSV.ABSOLUTE_PATHS = True
+        _, items = CSVDataset(cfg).load_items()
+        assert items[1].path == str(tmp_path / "outside.png")

@@ -40,6 +40,27 @@ def test_slurm_options_defaults_file_then_flags():
         resolve_slurm_options({"time": "two hours"}, {})
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("partition", "gpu\ntouch /tmp/owned", "not a SLURM partition name"),
+        ("partition", "gpu; rm -rf ~", "not a SLURM partition name"),
+        ("partition", "gpu,", "not a SLURM partition name"),
+        ("folder", "logs\n#SBATCH --uid=0", "may hold only"),
+        ("folder", "logs'$(id)'", "may hold only"),
+        ("gpus", -1, "gpus must be at least 0"),
+        ("time", 0, "time must be at least 1"),
+        ("array_parallelism", 0, "array_parallelism must be at least 1"),
+    ],
+)
+def test_slurm_fields_outside_what_slurm_accepts_are_refused(field, value, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        resolve_slurm_options({field: value}, {})
+    assert "\n" not in str(error.value).replace(repr(value), "")
+    ok = resolve_slurm_options({"partition": "gpu,gpu-long.a_1", "folder": "/scratch/u1/logs"}, {})
+    assert ok["partition"] == "gpu,gpu-long.a_1"
+
+
 def test_slurm_executor_gets_partition_gpus_time_and_array_parallelism(tmp_path, monkeypatch):
     fake = tmp_path / "bin"
     fake.mkdir()

@@ -212,3 +212,50 @@ def test_fraction_rounding_is_part_of_the_split_file(image_tree, make_cfg):
         assert sum(item.class_name == "a" for item in split.train) == expected
         assert json.loads(split.path.read_text())["options"]["train_fraction_rounding"] == rounding
     assert names["floor"] != names["ceil"]
+
+
+def _move_to_test(content: dict) -> None:
+    """Move the first train image into test, keeping the rest of its group in train."""
+    content["test"].append(content["train"].pop(0))
+
+
+EDITS = {
+    "a test image copied into train": (
+        lambda c: c["train"].append(c["test"][0]),
+        "in both train and test",
+    ),
+    "a duplicate train entry": (lambda c: c["train"].append(c["train"][0]), "twice in train"),
+    "a missing key": (lambda c: c.pop("targets"), "has no key 'targets'"),
+    "a group in train and test": (_move_to_test, "puts group 'p"),
+    "not a list of pairs": (lambda c: c.update(val=[["x"]]), r"\(val\) must be a list"),
+}
+
+
+@pytest.mark.parametrize("edit", EDITS)
+def test_edited_split_files_are_refused_in_one_line(tmp_path, make_cfg, edit):
+    rows = ["path,label,group"]
+    for index in range(12):
+        for name in ("neg", "pos"):
+            write_image(tmp_path / "data" / "img" / f"{name}{index}.png", seed=index)
+            rows.append(f"img/{name}{index}.png,{name},p{index // 2}")
+    (tmp_path / "data" / "table.csv").write_text("\n".join(rows) + "\n")
+    cfg = make_cfg("CSVDataset", NUM_SHOTS=2)
+    cfg.DATASET.CSV.FILE = str(tmp_path / "data" / "table.csv")
+    split = build_split(CSVDataset(cfg), cfg)
+    change, message = EDITS[edit]
+    content = json.loads(split.path.read_text())
+    change(content)
+    split.path.write_text(json.dumps(content))
+    with pytest.raises(SplitError, match=message) as error:
+        build_split(CSVDataset(cfg), cfg)
+    assert str(split.path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_split_file_that_is_not_json_is_one_line(image_tree, make_cfg):
+    root = image_tree({"neg": 10, "pos": 10})
+    cfg = make_cfg("ImageFolder", ROOT=str(root), NUM_SHOTS=2)
+    split = build_split(ImageFolder(cfg), cfg)
+    for content in (b"\x80\x04\x95 pickled", b"[1, 2]"):
+        split.path.write_bytes(content)
+        with pytest.raises(SplitError, match=str(split.path)):
+            build_split(ImageFolder(cfg), cfg)
