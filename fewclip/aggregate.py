@@ -230,7 +230,7 @@ def aggregate_folder(root: str | Path, metrics: tuple[str, ...] = DEFAULT_METRIC
 
 def write_summary(root: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, str]:
     """Aggregate `root` and write summary.md and summary.csv beside the run folders."""
-    from fewclip.images import write_atomic_bytes
+    from fewclip.files import write_atomic_bytes
 
     tables = render_tables(aggregate_folder(root, metrics), metrics)
     root = Path(root)

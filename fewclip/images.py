@@ -26,7 +26,6 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -252,12 +251,20 @@ class ImageStore:
         if self.rows is None:
             raise RuntimeError("ImageStore.ensure needs a cache folder")
         todo = np.union1d(self.eager, rows).astype(np.int64)
-        todo = todo[self.rows.states(todo) == EMPTY]  # decode missing rows only (not chunk-mates)
         chunks = [todo[start : start + CHUNK_ROWS] for start in range(0, len(todo), CHUNK_ROWS)]
-        self.rows.fill(
-            chunks,
-            lambda chunk: decode_paths([self.items[r].path for r in chunk], self.stored_size),
-        )
+        self.rows.fill(chunks, self._decode_missing)  # remembered: damaged rows are redone
+
+    def _decode_missing(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Values of a chunk's rows for `RowStore.fill`, decoding only its EMPTY rows (the store
+        writes only those; a decoded image does not depend on its chunk-mates)."""
+        size = self.stored_size
+        values = np.zeros((len(chunk), size, size, 3), dtype=np.uint8)
+        ok = np.ones(len(chunk), dtype=bool)
+        missing = self.rows.states(chunk) == EMPTY
+        if missing.any():
+            paths = [self.items[row].path for row in chunk[missing]]
+            values[missing], ok[missing] = decode_paths(paths, size)
+        return values, ok
 
     def read(self, rows: np.ndarray, stored: bool = False) -> np.ndarray:
         """(len(rows), S, S, 3) uint8 at the model input (or `stored` size), decoding missing
@@ -310,21 +317,6 @@ def load_image_array(
     indices of the items kept."""
     decoded = ImageStore(items, image_size, cache_dir).load(items, skip_unreadable)
     return decoded.images, decoded.kept
-
-
-def write_atomic_bytes(path: Path, data: bytes, folder: Path | None = None) -> None:
-    """Write a temporary file in the same folder, then os.replace: never half a file."""
-    folder = folder or path.parent
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as handle:
-        try:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except BaseException:  # a full disk (or a kill signal) leaves no temporary behind
-            os.unlink(handle.name)
-            raise
-    os.replace(handle.name, path)
 
 
 def _as_tensor(batch: np.ndarray) -> torch.Tensor:

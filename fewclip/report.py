@@ -23,7 +23,7 @@ from fewclip.aggregate import (
 from fewclip.aggregate import aggregate as aggregate_records
 from fewclip.compare import compare_records, render_comparison
 from fewclip.figures import plot_center_bars, plot_metric_vs_shots, write_run_figures
-from fewclip.images import write_atomic_bytes
+from fewclip.files import write_atomic_bytes
 
 REPORT_FILE = "report.md"
 

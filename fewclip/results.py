@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fewclip.images import write_atomic_bytes
+from fewclip.files import write_atomic_bytes
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"

@@ -234,7 +234,7 @@ def describe_cells(configs: Sequence[CfgNode], statuses: Sequence[str]) -> str:
 
 def write_manifest(root: str | Path, configs: Sequence[CfgNode]) -> Path:
     """List every run folder the sweep expects (so aggregation can name the missing ones)."""
-    from fewclip.images import write_atomic_bytes
+    from fewclip.files import write_atomic_bytes
     from fewclip.run import resolve_run_dir
 
     root = Path(root)

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fewclip.images import write_atomic_bytes
+from fewclip.files import write_atomic_bytes
 from fewclip.samplers import SamplerBase
 
 LOGGER = logging.getLogger(__name__)
