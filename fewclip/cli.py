@@ -143,6 +143,8 @@ def run(argv: list[str] | None = None) -> int:
         try:
             results = run_cells(cells, jobs=args.jobs)
         except KeyboardInterrupt:  # finished cells are saved; summarise them, then stop
+            from fewclip.report import write_report
+
             path, table = write_report(sweep.root, primary=args.metric, compare_with=args.compare)
             print(f"{table}\n\nsummary: {sweep.root / 'summary.md'}, report: {path}")
             print("interrupted: the summary holds the complete cells; rerun the same command to "
