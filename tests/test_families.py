@@ -4,21 +4,19 @@ family's named Linears, token features, and every registered trainer's contract.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
+from test_trainers import PACKAGE_TRAINERS, check_trainer_contract, recipe_for
 from timm.layers import Attention
 from yacs.config import CfgNode
 
 from fewclip.attention import SplitAttentionPool, SplitQKVAttention
 from fewclip.backbones import TINY_CONFIGS, build_clip
 from fewclip.config import build_config, get_cfg_defaults
-from fewclip.evaluation import evaluate_set, validation_score
 from fewclip.families import family_of, image_feature_dim
 from fewclip.lora import apply_lora, merge_lora
 from fewclip.registry import DATASETS, TRAINERS
@@ -273,9 +271,6 @@ def test_lora_on_the_resnet_twin_adapts_its_attention_pool(resnet_twin):
 
 
 # ----- every registered trainer on the twin --------------------------------------------------
-PACKAGE_TRAINERS = [
-    n for n in TRAINERS.names() if TRAINERS.get(n).__module__.startswith("fewclip_trainers.")
-]
 # twin -> trainers whose method needs what that family lacks, and the one-line error they give
 PROMPT_LEARNING = "prompt learning needs an open_clip text transformer"
 NOT_APPLICABLE = {
@@ -289,14 +284,6 @@ LORA_VARIANTS = [
     ("CaMVLA", ["TRAINER.CAMVLA.TUNING", "lora", "LORA.ENCODER", "both"]),
     ("SAVLT", ["LORA.ENCODER", "both", "LORA.TARGETS", "q,v,out"]),
 ]
-
-
-def recipe_for(trainer_name: str) -> Path:
-    for path in sorted((ROOT / "configs" / "trainers").glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if data.get("TRAINER", {}).get("NAME") == trainer_name:
-            return path
-    raise AssertionError(f"no recipe in configs/trainers/ for trainer {trainer_name}")
 
 
 def build_trainer(trainer_name: str, opts: list[str]):
@@ -321,22 +308,4 @@ def test_trainer_contract_on_every_family_twin(trainer_name, extra, fast_opts, t
             build_trainer(trainer_name, opts)
         return
     dataset, trainer, train, val, test = build_trainer(trainer_name, opts)
-    trainable = {name for name, _ in trainer.trainable_named_parameters()}
-    patterns = [re.compile(p) for p in type(trainer).trainable_patterns]
-    undeclared = [n for n in trainable if not any(p.search(n) for p in patterns)]
-    assert not undeclared, f"{trainer_name} trains undeclared parameters: {undeclared[:5]}"
-    if type(trainer).trains and type(trainer).trainable_patterns:
-        assert trainable, f"{trainer_name} declares trainable parameters but has none"
-    before = {n: p.detach().clone() for n, p in trainer.network.named_parameters()}
-    trainer.fit(train, val, validation_score)
-    for name, param in trainer.network.named_parameters():
-        if name not in trainable:
-            assert torch.equal(param, before[name]), f"{trainer_name} changed frozen {name}"
-    if trainable and type(trainer).trains:
-        assert any(
-            not torch.equal(p, before[n])
-            for n, p in trainer.network.named_parameters()
-            if n in trainable
-        ), f"{trainer_name} trained nothing"
-    metrics = evaluate_set(trainer, test, list(dataset.positive_classes), 10)
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["num_samples"] == len(test)
+    check_trainer_contract(trainer_name, trainer, dataset, train, val, test)
