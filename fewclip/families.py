@@ -140,9 +140,15 @@ def _text_tower(model: nn.Module) -> Tower:
 
 
 def image_feature_dim(model: nn.Module) -> int:
-    """Width D of `model.encode_image` output, read from the model by one forward of a blank
-    image at the tower's input size (no attribute one family happens to have)."""
+    """Width D of `model.encode_image` output. open_clip's own towers (VisionTransformer,
+    ModifiedResNet) declare it as `output_dim`, the width their forward returns; any other tower
+    (timm, Hugging Face) is measured by one forward of a blank image at its input size, so no
+    family needs an attribute another happens to have (and a dataset image is never encoded
+    twice just to learn a width)."""
     visual = model.visual
+    declared = getattr(visual, "output_dim", None)
+    if type(visual).__module__.startswith("open_clip.") and isinstance(declared, int):
+        return declared
     size = getattr(visual, "image_size", 224)
     rows, columns = (size, size) if isinstance(size, int) else tuple(size)
     parameter = next(model.parameters())
