@@ -4,7 +4,7 @@ number of epochs that depends on the shots, one constant warm-up epoch, then cos
 fewclip's loop counts iterations, so the epochs become iterations here: Dassl drops the last
 short batch when the training set holds at least one batch (dassl/data/data_manager.py:43), so an
 epoch is floor(N / B) iterations, or 1 when N < B. A trainer using these keys overrides
-`num_iterations`, `num_warmup_iterations` and `build_optimizer` with the functions below.
+`num_iterations`, `num_warmup_iterations` and `build_optimizer` through `DasslSchedule`.
 """
 
 from __future__ import annotations
@@ -62,3 +62,22 @@ def build_sgd(
     (dassl/optim/optimizer.py:105-113; dampening 0, no Nesterov)."""
     params = list({id(p): p for _, p in named}.values())
     return torch.optim.SGD(params, lr=optim.LR, momentum=momentum, weight_decay=optim.WEIGHT_DECAY)
+
+
+class DasslSchedule:
+    """The three TrainerBase methods of an epoch-based recipe, for a trainer whose node has the
+    keys of `add_epoch_keys` and MOMENTUM and whose `prepare` sets `num_train` (the training
+    set's size). It goes before TrainerBase: `class CoOp(DasslSchedule, TrainerBase)`."""
+
+    num_train = 0
+
+    def num_iterations(self) -> int:
+        return epoch_iterations(
+            self.node, self.cfg.OPTIM, self.num_train, self.cfg.DATASET.NUM_SHOTS
+        )
+
+    def num_warmup_iterations(self, total: int) -> int:
+        return warmup_iterations(self.node, self.cfg.OPTIM, self.num_train, total)
+
+    def build_optimizer(self, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
+        return build_sgd(named, self.cfg.OPTIM, self.node.MOMENTUM)

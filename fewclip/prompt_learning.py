@@ -148,7 +148,9 @@ class PromptLearner(nn.Module):
             embedding = embed_tokens(model, tokens).float()
         self.ctx = nn.Parameter(ctx.float().clone())
         self.n_ctx, self.position = n_ctx, position
-        self.tokens = tokens.cpu()  # (C, L) ids of the placeholder prompts: the end token's place
+        self.tokens = (
+            tokens.cpu()
+        )  # (C, L) ids of the 'X X ... name.' prompts: where the end token is
         self.token_prefix = embedding[:, :1].cpu()  # (C, 1, W) start token
         self.token_suffix = embedding[:, 1 + n_ctx :].cpu()  # (C, L-1-M, W) name, ., end, pad
         self.name_lengths = count_name_tokens(tokenizer, names)

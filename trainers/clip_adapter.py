@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from fewclip.data import Item
-from fewclip.epoch_schedule import add_epoch_keys, build_sgd, epoch_iterations, warmup_iterations
+from fewclip.epoch_schedule import DasslSchedule, add_epoch_keys
 from fewclip.families import image_feature_dim
 from fewclip.registry import TRAINERS
 from fewclip.trainer import ImageSet, TrainerBase
@@ -47,7 +47,7 @@ def blend_adapted(features: torch.Tensor, adapted: torch.Tensor, ratio: float) -
 
 
 @TRAINERS.register()
-class CLIPAdapter(TrainerBase):
+class CLIPAdapter(DasslSchedule, TrainerBase):
     """Trainable: the adapter only; the image encoder is frozen and its features cached."""
 
     frozen_image_encoder = True
@@ -71,18 +71,6 @@ class CLIPAdapter(TrainerBase):
                 f"TRAINER.CLIPADAPTER.REDUCTION {self.node.REDUCTION} must be in 1..{dim}"
             )
         self.network["adapter"] = FeatureAdapter(dim, self.node.REDUCTION)
-
-    # ----- the Dassl schedule (CoOp's configs) --------------------------------------------------
-    def num_iterations(self) -> int:
-        return epoch_iterations(
-            self.node, self.cfg.OPTIM, self.num_train, self.cfg.DATASET.NUM_SHOTS
-        )
-
-    def num_warmup_iterations(self, total: int) -> int:
-        return warmup_iterations(self.node, self.cfg.OPTIM, self.num_train, total)
-
-    def build_optimizer(self, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return build_sgd(named, self.cfg.OPTIM, self.node.MOMENTUM)
 
     # ----- training on cached features ----------------------------------------------------------
     def prepare(self, train: ImageSet) -> None:

@@ -13,12 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from yacs.config import CfgNode
 
 from fewclip.data import Item
-from fewclip.epoch_schedule import add_epoch_keys, build_sgd, epoch_iterations, warmup_iterations
+from fewclip.epoch_schedule import DasslSchedule, add_epoch_keys
 from fewclip.prompt_learning import CLASS_TOKEN_POSITIONS, PromptLearner, encode_prompt_embeddings
 from fewclip.registry import TRAINERS
 from fewclip.trainer import ImageSet, TrainerBase
@@ -39,7 +38,7 @@ def coop_config_node() -> CfgNode:
 
 
 @TRAINERS.register()
-class CoOp(TrainerBase):
+class CoOp(DasslSchedule, TrainerBase):
     """Trainable: the context vectors only."""
 
     frozen_image_encoder = True  # training crops pass the frozen encoder; evaluation is cached
@@ -80,18 +79,6 @@ class CoOp(TrainerBase):
     @property
     def prompt_learner(self) -> PromptLearner:
         return self.network["prompt_learner"]
-
-    # ----- the Dassl schedule -----------------------------------------------------------------
-    def num_iterations(self) -> int:
-        return epoch_iterations(
-            self.node, self.cfg.OPTIM, self.num_train, self.cfg.DATASET.NUM_SHOTS
-        )
-
-    def num_warmup_iterations(self, total: int) -> int:
-        return warmup_iterations(self.node, self.cfg.OPTIM, self.num_train, total)
-
-    def build_optimizer(self, named: list[tuple[str, nn.Parameter]]) -> torch.optim.Optimizer:
-        return build_sgd(named, self.cfg.OPTIM, self.node.MOMENTUM)
 
     def prepare(self, train: ImageSet) -> None:
         self.num_train = len(train)
