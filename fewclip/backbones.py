@@ -73,6 +73,9 @@ class ClipBundle:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     identity: str  # architecture + weights: tag, file sha1, hub revision or seeded random init
+    # Do the towers share one embedding space? False for a composed model whose projections were
+    # never trained together (fewclip_model.json "aligned": false): zero-shot is at chance there
+    aligned: bool = True
 
 
 def build_clip(model_cfg: CfgNode) -> ClipBundle:
@@ -82,10 +85,12 @@ def build_clip(model_cfg: CfgNode) -> ClipBundle:
     import open_clip
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
+    aligned = True
     if model_cfg.HF_HUB:
         model, tokenizer, identity = _build_from_hub(model_cfg.HF_HUB)
     elif model_cfg.NAME.startswith("local-dir:"):
         model, tokenizer, identity = _build_local_dir(model_cfg.NAME)
+        aligned = read_model_notes(Path(model_cfg.NAME[len("local-dir:") :]).expanduser())
     else:
         model, tokenizer, identity = _build_named(model_cfg.NAME, model_cfg.PRETRAINED)
     split_attention(model)
@@ -105,7 +110,28 @@ def build_clip(model_cfg: CfgNode) -> ClipBundle:
         mean=tuple(float(value) for value in preprocess.get("mean", OPENAI_DATASET_MEAN)),
         std=tuple(float(value) for value in preprocess.get("std", OPENAI_DATASET_STD)),
         identity=identity,
+        aligned=aligned,
     )
+
+
+MODEL_NOTES_FILE = "fewclip_model.json"  # what a model folder says about itself beyond its config
+
+
+def read_model_notes(folder: Path) -> bool:
+    """`aligned` of a model folder's fewclip_model.json (True when the folder has none)."""
+    path = folder / MODEL_NOTES_FILE
+    if not path.is_file():
+        return True
+    try:
+        notes = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a JSON object: {error}") from None
+    if not isinstance(notes, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    aligned = notes.get("aligned", True)
+    if not isinstance(aligned, bool):
+        raise ValueError(f"{path}: 'aligned' must be true or false, not {aligned!r}")
+    return aligned
 
 
 def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
@@ -219,6 +245,11 @@ def _build_from_hub(hub_id: str) -> tuple[nn.Module, Callable, str]:
         raise ValueError(f"MODEL.HF_HUB {hub_id!r} must look like 'hf-hub:org/name'")
     repo_id = hub_id[len("hf-hub:") :]
     config = _hub_cached_file(repo_id, "open_clip_config.json")
+    hf_config = _hub_cached_file(repo_id, "config.json")
+    if config is None and hf_config is not None and is_hf_clip_folder(hf_config.parent):
+        # a Hugging Face CLIPModel repository (PLIP, PubMedCLIP, openai/clip-vit-*)
+        model, tokenizer, _ = _build_hf_clip(hf_config.parent, hub_id)
+        return model, tokenizer, f"{hub_id}@{hf_config.parent.name}"
     weights = [
         path
         for filename in OPEN_CLIP_WEIGHT_FILES
@@ -226,9 +257,10 @@ def _build_from_hub(hub_id: str) -> tuple[nn.Module, Callable, str]:
     ]
     if config is None or not weights:
         raise FileNotFoundError(
-            f"{hub_id} is not in the local Hugging Face cache ({_hub_cache_dir()}): on a machine"
-            f" with internet run `huggingface-cli download {repo_id}` and copy the cache, or set"
-            " HF_HOME"
+            f"{hub_id} is not in the local Hugging Face cache ({_hub_cache_dir()}) as an open_clip"
+            " model (open_clip_config.json + weights) or a Hugging Face CLIPModel (config.json +"
+            f" weights): on a machine with internet run `huggingface-cli download {repo_id}` and"
+            " copy the cache, or set HF_HOME"
         )
     model, tokenizer = _build_from_folder(config.parent, weights[0], hub_id)
     return model, tokenizer, f"{hub_id}@{config.parent.name}"

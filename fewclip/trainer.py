@@ -100,6 +100,10 @@ class TrainerBase(abc.ABC):
     # (B, C) class logits of the current training batch, set by `compute_losses` when the method
     # can: the loop turns them into p(true class) for samplers that learn from them (difficulty)
     batch_logits: torch.Tensor | None = None
+    # How the method leans on the text tower's class prompts in the joint space: "predicts"
+    # (its predictions are prompt similarities from the start: refuses a model whose towers are
+    # not aligned), "starts" (starts from them and trains: warns), "none" (image features only)
+    text_anchor = "starts"
 
     @classmethod
     def config_key(cls) -> str:
@@ -125,10 +129,27 @@ class TrainerBase(abc.ABC):
             param.requires_grad_(False)
         self.report: dict[str, Any] = {}
         self.run_dir = None  # set by the run: where the training state and TensorBoard log go
+        self.check_alignment()
         self.build()
         self.network.to(device)
         if "clip" in self.network:  # methods may replace CLIP by their own encoder
             apply_performance_options(self.clip, cfg.PERF)
+
+    def check_alignment(self) -> None:
+        """Refuse (or warn about) text-prompt methods on towers that share no embedding space."""
+        if self.bundle.aligned or self.text_anchor == "none":
+            return
+        name = type(self).__name__
+        problem = (
+            f"{name} classifies by image-text similarity, but the towers of"
+            f" {self.bundle.identity} are not aligned (fewclip_model.json: aligned false)"
+        )
+        if self.text_anchor == "predicts":
+            raise ValueError(
+                f"{problem}: its predictions would be chance; use LinearProbe, ViTTeacher or a"
+                " trainer that learns the alignment"
+            )
+        LOGGER.warning("%s: it starts at chance and must learn the alignment", problem)
 
     # ----- what a method says ---------------------------------------------------------------
     def build(self) -> None:

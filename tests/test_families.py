@@ -4,6 +4,8 @@ family's named Linears, token features, and every registered trainer's contract.
 
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 
 import open_clip
@@ -193,6 +195,52 @@ def test_hf_clip_twin_loads_and_equals_the_hugging_face_model(hf_clip_twin):
     assert patch_grid(model) == (4, 4) and tokens.shape == (2, 16, 32)
     assert valid.sum(dim=1).tolist() == [15, 7]  # "normal": 6 letters + the end token
     assert float(model.logit_scale.detach()) == float(reference.logit_scale.detach())
+
+
+def test_hf_clip_hub_id_loads_from_the_local_cache(hf_clip_twin, tmp_path, monkeypatch):
+    """`hf-hub:vinid/plip`-style ids: a Hugging Face CLIPModel repository in the hub cache."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--lab--tiny-plip"
+    shutil.copytree(hf_clip_twin, repo / "snapshots" / "89abcdef")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("89abcdef")
+    bundle = build_clip(CfgNode({"NAME": "", "PRETRAINED": "", "HF_HUB": "hf-hub:lab/tiny-plip"}))
+    assert bundle.identity == "hf-hub:lab/tiny-plip@89abcdef"
+    local = build_clip(model_cfg(f"local-dir:{hf_clip_twin}"))
+    assert (bundle.image_size, bundle.mean, bundle.std) == (local.image_size, local.mean, local.std)
+    images = torch.randn(2, 3, 32, 32)
+    text = local.tokenizer(["abnormal cells", "normal"])
+    torch.testing.assert_close(bundle.tokenizer(["abnormal cells", "normal"]), text)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            bundle.model.encode_image(images), local.model.encode_image(images)
+        )
+        torch.testing.assert_close(bundle.model.encode_text(text), local.model.encode_text(text))
+
+
+def test_towers_that_are_not_aligned_refuse_zero_shot_and_warn(
+    resnet_twin, fast_opts, tmp_path, caplog
+):
+    """fewclip_model.json "aligned": false (a composed model): prompt-predicting methods refuse,
+    methods that learn from the prompts warn, image-only methods run silently."""
+    folder = tmp_path / "composed"
+    shutil.copytree(resnet_twin, folder)
+    assert build_clip(model_cfg(f"local-dir:{folder}")).aligned
+    (folder / "fewclip_model.json").write_text('{"aligned": false}')
+    assert not build_clip(model_cfg(f"local-dir:{folder}")).aligned
+    opts = [*fast_opts, "MODEL.NAME", f"local-dir:{folder}"]
+    for name in ("ZeroShotCLIP", "TipAdapter"):
+        with pytest.raises(ValueError, match=f"{name} classifies .* not aligned"):
+            build_trainer(name, opts)
+    for name, warned in (("CLIPLoRA", True), ("TipAdapterF", True), ("LinearProbe", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fewclip.trainer"):
+            build_trainer(name, opts)
+        assert ("not aligned" in caplog.text) == warned, name
+    for text, problem in (("[true]", "is not a JSON object"), ('{"aligned": "no"}', "true or")):
+        (folder / "fewclip_model.json").write_text(text)
+        with pytest.raises(ValueError, match=f"fewclip_model.json.*{problem}"):
+            build_clip(model_cfg(f"local-dir:{folder}"))
 
 
 def test_lora_on_the_hf_clip_twin_targets_its_projections(hf_clip_twin):

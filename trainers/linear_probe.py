@@ -58,6 +58,7 @@ def fit_logistic_regression(
 class LinearProbe(TrainerBase):
     """Frozen encoder; only the logistic-regression head is fitted."""
 
+    text_anchor = "none"
     frozen_image_encoder = True
 
     @classmethod

@@ -46,6 +46,7 @@ def embedding_dim(clip: nn.Module) -> int:
 class TipAdapter(TrainerBase):
     """Training-free: the cache is built from the few shots, alpha and beta searched on val."""
 
+    text_anchor = "predicts"
     trains = False
     frozen_image_encoder = True
     train_keys = False
@@ -167,6 +168,7 @@ class TipAdapterF(TipAdapter):
     """Tip-Adapter-F: the keys train (main.py:66-106) by CE on the Tip-Adapter logits with the
     INIT alpha and beta; AdamW (eps 1e-4), cosine per iteration, EPOCHS epochs of the shots."""
 
+    text_anchor = "starts"  # the keys learn; the zero-shot term stays what the towers give
     trains = True
     train_keys = True
     trainable_patterns = (r"^cache\.keys$",)

@@ -122,6 +122,7 @@ def build_timm_encoder(name: str, image_size: int) -> tuple[nn.Module, int, tupl
 class ViTTeacher(TrainerBase):
     """Trainable: the head, plus the whole encoder in MODE finetune (nothing of the text tower)."""
 
+    text_anchor = "none"
     trainable_patterns = (r"^encoder\.", r"^head\.")
 
     @classmethod

@@ -16,6 +16,7 @@ from fewclip.trainer import TrainerBase
 class ZeroShotCLIP(TrainerBase):
     """logits = exp(logit_scale) * f T^T with T the ensemble of templated class labels."""
 
+    text_anchor = "predicts"
     trains = False
     frozen_image_encoder = True
 
