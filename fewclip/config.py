@@ -48,6 +48,7 @@ CHOICES = {
     "DATASET.INSUFFICIENT_SHOTS": ("error", "take_all"),
     "LORA.ENCODER": ("vision", "text", "both"),
     "LORA.TARGETS": ("q", "k", "v", "out", "mlp"),  # a list: each item is one of these
+    "TRAINER.LINEARPROBE.CLASS_WEIGHT": ("none", "balanced"),
 }
 
 

@@ -131,3 +131,28 @@ def test_each_evaluation_batch_reaches_compute_logits_with_its_own_items(fast_op
     trainer.predict_probabilities(test)
     assert [path for batch in seen for path in batch] == [item.path for item in test.items]
     assert len(test) > 3 and max(len(batch) for batch in seen) == 3
+
+
+def test_linear_probe_balanced_class_weight_is_inverse_frequency_weighting():
+    """CLASS_WEIGHT balanced = every image weighted N / (K n_class) (sklearn's rule); on a 1:9
+    task with overlapping classes it predicts the minority class where the plain fit does not."""
+    from sklearn.linear_model import LogisticRegression
+
+    from fewclip_trainers.linear_probe import fit_logistic_regression
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 90 + [1] * 10)
+    features = rng.normal(size=(100, 4)) + labels[:, None] * 0.8
+    weight, bias = fit_logistic_regression(features, labels, 2, 1.0, 1000, "balanced")
+    counts = np.bincount(labels)
+    reference = LogisticRegression(C=1.0, max_iter=1000).fit(
+        features, labels, sample_weight=len(labels) / (2 * counts[labels])
+    )
+    torch.testing.assert_close(
+        torch.tensor(weight[1] - weight[0]), torch.tensor(reference.coef_[0], dtype=torch.float32)
+    )
+    plain = fit_logistic_regression(features, labels, 2, 1.0, 1000)
+    minority = [
+        int(((features @ w.T + b).argmax(axis=1) == 1).sum()) for w, b in (plain, (weight, bias))
+    ]
+    assert minority[0] < 10 <= minority[1]

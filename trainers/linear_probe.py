@@ -32,16 +32,24 @@ class LinearHead(nn.Module):
 
 
 def fit_logistic_regression(
-    features: np.ndarray, labels: np.ndarray, num_classes: int, inverse_reg: float, max_iter: int
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    inverse_reg: float,
+    max_iter: int,
+    class_weight: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression -> (C, D) weight, (C,) bias, in the dataset's label order.
 
+    class_weight "balanced" weighs each training image by N / (K n_class) (sklearn's rule), so an
+    imbalanced training set (all images of a 1:5 task) does not fit the majority class only.
     Classes absent from `labels` get a weight of zero and a bias of -inf-like (-1e4), so they are
     never predicted rather than shifting every label index.
     """
     from sklearn.linear_model import LogisticRegression  # here: `fewclip --dry-run` skips it
 
-    model = LogisticRegression(C=inverse_reg, max_iter=max_iter)
+    weights = None if class_weight == "none" else class_weight
+    model = LogisticRegression(C=inverse_reg, max_iter=max_iter, class_weight=weights)
     model.fit(features, labels)
     weight = np.zeros((num_classes, features.shape[1]), np.float32)
     bias = np.full(num_classes, -1e4, np.float32)
@@ -67,6 +75,7 @@ class LinearProbe(TrainerBase):
         node.C_GRID = [0.01, 0.1, 1.0, 10.0, 100.0]  # inverse regularisation values tried on val
         node.DEFAULT_C = 1.0  # used when there is no validation data
         node.MAX_ITER = 1000  # solver iterations
+        node.CLASS_WEIGHT = "none"  # "balanced": weigh classes by inverse frequency
         return node
 
     def build(self) -> None:
@@ -79,10 +88,15 @@ class LinearProbe(TrainerBase):
         val_x = self.image_features(val).numpy() if val is not None and len(val) else None
         scores = {}
         chosen = self.node.DEFAULT_C
+        num_classes, max_iter, class_weight = (
+            len(self.class_names),
+            self.node.MAX_ITER,
+            self.node.CLASS_WEIGHT,
+        )
         if val_x is not None:
             for inverse_reg in self.node.C_GRID:
                 weight, bias = fit_logistic_regression(
-                    train_x, train.labels, len(self.class_names), inverse_reg, self.node.MAX_ITER
+                    train_x, train.labels, num_classes, inverse_reg, max_iter, class_weight
                 )
                 predicted = (val_x @ weight.T + bias).argmax(axis=1)
                 per_class = [
@@ -91,7 +105,7 @@ class LinearProbe(TrainerBase):
                 scores[inverse_reg] = float(np.mean(per_class))
             chosen = max(scores, key=lambda c: (scores[c], -abs(np.log10(c))))
         weight, bias = fit_logistic_regression(
-            train_x, train.labels, len(self.class_names), chosen, self.node.MAX_ITER
+            train_x, train.labels, num_classes, chosen, max_iter, class_weight
         )
         head = self.network["head"]
         head.weight.copy_(torch.from_numpy(weight))
