@@ -92,7 +92,7 @@ def hf_clip_tokenizer(folder: Path, context_length: int) -> Callable[[list[str]]
 
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
-    def tokenize(texts: list[str] | str) -> torch.Tensor:
+    def tokenize(texts: list[str] | str, context_length: int = context_length) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
         encoded = tokenizer(
             texts,

@@ -12,12 +12,14 @@ that the dataset does not have are ignored, so one file can serve several datase
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+LOGGER = logging.getLogger(__name__)
 LEVELS = ("label", "short", "description")  # the keys of a class entry in a prompt file
 # Levels a trainer may ask for: the file's, plus "word", the bare label text without a template
 # (AMLPF-CLIP's level 1 is the class word alone, models.py:68 `text_only_label`).
@@ -118,3 +120,37 @@ def build_default_prompts(
         text = templates[0].format(label)
         classes[name] = {"label": label, "short": text, "description": text}
     return PromptSet(templates=list(templates), classes=classes, source="class names")
+
+
+def truncated(tokenizer: Callable[..., object], texts: Sequence[str]) -> list[bool]:
+    """Which texts the tokenizer cuts to fit its context: their ids at the tokenizer's own length
+    L differ from the first L ids at length 2 L (a cut text ends with the end token at L - 1)."""
+    if not texts:
+        return []
+    short = tokenizer(list(texts))
+    length = short.shape[1]
+    long = tokenizer(list(texts), context_length=2 * length)
+    return [not bool(same) for same in (short == long[:, :length]).all(dim=1)]
+
+
+def warn_truncated(
+    tokenizer: Callable[..., object],
+    texts_per_class: Sequence[Sequence[str]],
+    class_names: Sequence[str],
+    level: str,
+) -> None:
+    """One warning per class whose prompt texts at `level` are longer than the text tower's
+    context: they are truncated, never silently."""
+    flat = [text for texts in texts_per_class for text in texts]
+    cut = iter(truncated(tokenizer, flat))
+    for name, texts in zip(class_names, texts_per_class, strict=True):
+        long = [text for text in texts if next(cut)]
+        if long:
+            LOGGER.warning(
+                "class %r: %d prompt text(s) at level %r are longer than the text tower's"
+                " context and are truncated, e.g. %r",
+                name,
+                len(long),
+                level,
+                long[0],
+            )

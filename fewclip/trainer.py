@@ -41,6 +41,7 @@ from fewclip.images import (
     to_model_input,
 )
 from fewclip.multiview import resize_to_input
+from fewclip.prompts import warn_truncated
 from fewclip.registry import SAMPLERS
 from fewclip.training_state import BatchStream
 
@@ -205,8 +206,21 @@ class TrainerBase(abc.ABC):
     def text_features(self, level: str = "label") -> torch.Tensor:
         """(C, D) unit-norm class text features for a prompt level (ensemble over templates)."""
         return compute_text_features(
-            self.clip, self.bundle.tokenizer, self.prompts.texts(level), self.device
+            self.clip, self.bundle.tokenizer, self.prompt_texts(level), self.device
         )
+
+    def prompt_texts(self, level: str) -> list[list[str]]:
+        """The prompt file's texts per class at `level`, checked by `checked_texts`."""
+        return self.checked_texts(self.prompts.texts(level), level)
+
+    def checked_texts(self, texts: list[list[str]], level: str) -> list[list[str]]:
+        """`texts` per class; once per level, a warning names each class whose texts the text
+        tower truncates."""
+        checked = self.__dict__.setdefault("_checked_levels", set())
+        if level not in checked:
+            checked.add(level)
+            warn_truncated(self.bundle.tokenizer, texts, self.class_names, level)
+        return texts
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(name, p) for name, p in self.network.named_parameters() if p.requires_grad]
@@ -245,7 +259,7 @@ class TrainerBase(abc.ABC):
         return cached_text_features(
             self.clip,
             self.bundle.tokenizer,
-            self.prompts.texts(level),
+            self.prompt_texts(level),
             self.device,
             self.bundle.identity,
             self.cfg.CACHE_DIR or None,

@@ -357,3 +357,31 @@ def test_trainer_contract_on_every_family_twin(trainer_name, extra, fast_opts, t
         return
     dataset, trainer, train, val, test = build_trainer(trainer_name, opts)
     check_trainer_contract(trainer_name, trainer, dataset, train, val, test)
+
+
+def test_truncated_finds_the_texts_each_tokenizer_cuts(timm_hf_twin, hf_clip_twin):
+    """Open_clip's BPE (77 tokens), the BERT twin (32) and the Hugging Face CLIP twin (16)."""
+    from fewclip.prompts import truncated
+
+    words = "abnormal cells"
+    for name, context in (("tiny-vit", 77), (f"local-dir:{timm_hf_twin}", 32)):
+        tokenizer = build_clip(model_cfg(name)).tokenizer
+        texts = [words, " ".join(["normal"] * (context - 2)), " ".join(["normal"] * (context - 1))]
+        assert truncated(tokenizer, texts) == [False, False, True], name
+    tokenizer = build_clip(model_cfg(f"local-dir:{hf_clip_twin}")).tokenizer
+    # the twin's vocabulary spells unseen words letter by letter: "normal" is 6 tokens + end
+    assert truncated(tokenizer, ["normal", "normal normal", "normal normal normal"]) == [
+        False,
+        False,
+        True,
+    ]
+
+
+def test_prompts_longer_than_the_text_tower_warn_naming_the_class(hf_clip_twin, fast_opts, caplog):
+    opts = [*fast_opts, "TRAINER.ZEROSHOTCLIP.PROMPT_LEVEL", "description"]
+    for name, warned in (("tiny-vit", False), (f"local-dir:{hf_clip_twin}", True)):
+        _, trainer, *_ = build_trainer("ZeroShotCLIP", [*opts, "MODEL.NAME", name])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fewclip.prompts"):
+            trainer.on_eval_start()
+        assert ("class 'hsil'" in caplog.text and "truncated" in caplog.text) == warned, name

@@ -112,7 +112,7 @@ class CaMVLA(TrainerBase):
     def encode_class_texts(self, project: bool = True) -> TextFeatures:
         """Class description features (C, D), word tokens (C, L, D), valid (C, L); with
         project=False before the text projection (width W)."""
-        texts = [class_texts[0] for class_texts in self.prompts.texts(self.node.PROMPT_LEVEL)]
+        texts = [class_texts[0] for class_texts in self.prompt_texts(self.node.PROMPT_LEVEL)]
         tokens = self.bundle.tokenizer(texts).to(self.device)
         pooled, words, valid = encode_text_tokens(self.clip, tokens, project)
         length = int(valid.sum(dim=1).max()) + 1  # drop the padding no class uses

@@ -80,12 +80,13 @@ class CLIPLoRA(TrainerBase):
     def class_texts(self) -> list[list[str]]:
         """The texts of each class: TEMPLATES x CLASS_WORDS, or the prompt file's level."""
         if not self.node.TEMPLATES:
-            return self.prompts.texts(self.node.PROMPT_LEVEL)
+            return self.prompt_texts(self.node.PROMPT_LEVEL)
         words = self.node.CLASS_WORDS
         labels = (
             [entry["label"] for entry in self.prompts.classes.values()] if words == "label" else []
         )
-        return build_class_texts(self.class_names, labels, list(self.node.TEMPLATES), words)
+        texts = build_class_texts(self.class_names, labels, list(self.node.TEMPLATES), words)
+        return self.checked_texts(texts, "TEMPLATES")
 
     def class_text(self, frozen: bool = False) -> torch.Tensor:
         """(C, D) unit-norm class text features (with gradient while the text LoRA trains)."""
