@@ -88,9 +88,12 @@ def build_clip(model_cfg: CfgNode) -> ClipBundle:
     aligned = True
     if model_cfg.HF_HUB:
         model, tokenizer, identity = _build_from_hub(model_cfg.HF_HUB)
-    elif model_cfg.NAME.startswith("local-dir:"):
-        model, tokenizer, identity = _build_local_dir(model_cfg.NAME)
-        aligned = read_model_notes(Path(model_cfg.NAME[len("local-dir:") :]).expanduser())
+    elif model_cfg.NAME.startswith(("local-dir:", "twin:")):
+        folder = _model_folder(model_cfg.NAME)
+        model, tokenizer, identity = _build_local_dir(f"local-dir:{folder}")
+        if model_cfg.NAME.startswith("twin:"):  # the same twin wherever the cache lies
+            identity = model_cfg.NAME + identity[identity.index(":file-sha1=") :]
+        aligned = read_model_notes(folder)
     else:
         model, tokenizer, identity = _build_named(model_cfg.NAME, model_cfg.PRETRAINED)
     split_attention(model)
@@ -112,6 +115,16 @@ def build_clip(model_cfg: CfgNode) -> ClipBundle:
         identity=identity,
         aligned=aligned,
     )
+
+
+def _model_folder(name: str) -> Path:
+    """The folder of MODEL.NAME "local-dir:PATH" or of a tiny twin "twin:FAMILY"."""
+    if name.startswith("twin:"):
+        from fewclip.defaults import default_cache_dir
+        from fewclip.twins import ensure_twin
+
+        return ensure_twin(name[len("twin:") :], default_cache_dir())
+    return Path(name[len("local-dir:") :]).expanduser()
 
 
 MODEL_NOTES_FILE = "fewclip_model.json"  # what a model folder says about itself beyond its config

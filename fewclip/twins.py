@@ -11,11 +11,19 @@ demos load it through exactly the path a user's downloaded model takes (no netwo
 - `write_hf_clip_twin(folder)`: PLIP's layout, a Hugging Face CLIPModel folder.
 - `write_resnet_twin(folder)`: an open_clip folder of a ResNet CLIP (RN50's layout, one
   bottleneck per stage, width 8, 64x64 input) with the open_clip text transformer.
+
+MODEL.NAME "twin:timm-hf" / "twin:hf-clip" / "twin:resnet" writes the twin once into the user
+cache (`ensure_twin`) and loads it from there like any local folder: sweeps and the demo run
+every family by name.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -162,4 +170,35 @@ def write_resnet_twin(folder: str | Path) -> Path:
         model = open_clip.CLIP(**model_cfg)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+TWINS: dict[str, Callable[[Path], Path]] = {
+    "timm-hf": write_timm_hf_twin,
+    "hf-clip": write_hf_clip_twin,
+    "resnet": write_resnet_twin,
+}
+COMPLETE = "twin-complete"  # written last: a folder without it is a write that did not finish
+
+
+def ensure_twin(name: str, cache_dir: str | Path) -> Path:
+    """The folder of twin `name` under `cache_dir/twins/`, written once (under a file lock, so
+    parallel sweep workers write it once) and keyed by this module's source: a changed twin
+    writer writes a new folder."""
+    if name not in TWINS:
+        raise ValueError(
+            f"MODEL.NAME 'twin:{name}': no such twin; choose one of {', '.join(TWINS)}"
+        )
+    version = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:10]
+    root = Path(cache_dir).expanduser() / "twins"
+    folder = root / f"{name}-{version}"
+    if (folder / COMPLETE).is_file():
+        return folder
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / COMPLETE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            TWINS[name](folder)
+            (folder / COMPLETE).write_text("")
     return folder

@@ -385,3 +385,25 @@ def test_prompts_longer_than_the_text_tower_warn_naming_the_class(hf_clip_twin, 
         with caplog.at_level(logging.WARNING, logger="fewclip.prompts"):
             trainer.on_eval_start()
         assert ("class 'hsil'" in caplog.text and "truncated" in caplog.text) == warned, name
+
+
+def test_twin_names_write_each_twin_once_and_load_it_like_a_folder(tmp_path, monkeypatch):
+    """MODEL.NAME twin:<family>: the twin is written into the user cache once, loads through the
+    local-folder path, and its identity does not depend on where the cache lies."""
+    from fewclip.twins import COMPLETE
+
+    identities = []
+    for cache in ("one", "two"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / cache))
+        bundle = build_clip(model_cfg("twin:resnet"))
+        identities.append(bundle.identity)
+        (folder,) = (tmp_path / cache / "fewclip" / "twins").glob("resnet-*")
+        assert (folder / COMPLETE).is_file()
+    assert identities[0] == identities[1] and identities[0].startswith("twin:resnet:file-sha1=")
+    written = (folder / "open_clip_model.safetensors").stat().st_mtime_ns
+    build_clip(model_cfg("twin:resnet"))
+    assert (folder / "open_clip_model.safetensors").stat().st_mtime_ns == written
+    (folder / COMPLETE).unlink()  # a write that did not finish is written again
+    assert build_clip(model_cfg("twin:resnet")).identity == identities[0]
+    with pytest.raises(ValueError, match="'twin:rn50': no such twin; choose one of timm-hf"):
+        build_clip(model_cfg("twin:rn50"))

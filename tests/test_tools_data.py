@@ -124,3 +124,37 @@ def test_unreadable_image_errors_or_is_skipped_and_counted(tmp_path, caplog):
         array, kept = decode_items(items, 8, skip_unreadable=True)
     assert kept == [0] and array.shape == (1, 8, 8, 3)
     assert "truncated.png" in caplog.text
+
+
+def test_model_table_lists_scores_and_the_reason_a_method_does_not_apply(tmp_path):
+    """tools/model_table.py: trainer rows x MODEL.NAME columns, mean over seeds, failed cells
+    with their one-line reason; the README block is replaced in place, a missing block named."""
+    import json
+
+    def write(folder: str, trainer: str, model: str, seed: int, result: dict) -> None:
+        config = {"TRAINER": {"NAME": trainer}, "RECIPE": f"r-name{model}", "SEED": seed}
+        config["MODEL"] = {"NAME": model, "HF_HUB": ""}
+        path = tmp_path / "sweep" / folder / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"config": config, **result}))
+
+    score = {"status": "complete", "metrics": {"test": {"balanced_accuracy": 0.5}}}
+    write("a1", "LinearProbe", "tiny-vit", 1, score)
+    score = {"status": "complete", "metrics": {"test": {"balanced_accuracy": 0.7}}}
+    write("a2", "LinearProbe", "tiny-vit", 2, score)
+    write("b", "SAVLT", "twin:resnet", 1, {"status": "failed", "error": "ValueError: x: no patch"})
+    tool = load_tool("model_table")
+    table = tool.model_table(tmp_path / "sweep")
+    assert table.splitlines() == [
+        "| trainer (recipe) | `tiny-vit` | `twin:resnet` |",
+        "|---|---|---|",
+        "| `LinearProbe` (`r`) | 60.0 |  |",
+        "| `SAVLT` (`r`) |  | no: no patch |",
+    ]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{tool.BEGIN}\nold\n{tool.END}\nrest\n")
+    assert tool.main([str(tmp_path / "sweep"), "--readme", str(readme)]) == 0
+    assert readme.read_text() == f"intro\n{tool.BEGIN}\n{table}{tool.END}\nrest\n"
+    readme.write_text("no block\n")
+    with pytest.raises(SystemExit, match="README.md has no <!-- model-table -->"):
+        tool.main([str(tmp_path / "sweep"), "--readme", str(readme)])
