@@ -66,6 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--report", metavar="DIR", help="only write the report of sweep DIR")
     parser.add_argument("--compare", metavar="DIR", help="add a paired comparison with sweep DIR")
     parser.add_argument("--metric", default=PRIMARY_METRIC, help="metric of figures and tests")
+    parser.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print the model families, the medical models known to load and the trainers that"
+        " apply to each, then exit",
+    )
     slurm = parser.add_argument_group("cluster (override the sweep file's `slurm:` keys)")
     slurm.add_argument("--launcher", choices=LAUNCHERS, default="local", help="where cells run")
     slurm.add_argument("--partition", help="SLURM partition")
@@ -107,6 +113,12 @@ def run(argv: list[str] | None = None) -> int:
         print(f"{table}\n\nreport: {path}")
         return 0
     load_installed_plugins()  # the built-in datasets and trainers, and installed plugin packages
+    if args.list_models:
+        from fewclip.catalogue import describe_models
+        from fewclip.registry import TRAINERS
+
+        print(describe_models(TRAINERS.get(name) for name in TRAINERS.names()))
+        return 0
     from fewclip import distributed
     from fewclip.sweep import build_sweep, cell_statuses, describe_cells, run_cells, write_manifest
 

@@ -56,11 +56,11 @@ HF_CLIP_TARGETS = {
     "out": ("self_attn.out_proj",),
     "mlp": ("mlp.fc1", "mlp.fc2"),
 }
-RESNET_TARGETS = {
-    "q": ("visual.attnpool.q_proj",),
-    "k": ("visual.attnpool.k_proj",),
-    "v": ("visual.attnpool.v_proj",),
-    "out": ("visual.attnpool.c_proj",),
+RESNET_TARGETS = {  # names inside the image tower; the attention pool has no blocks
+    "q": ("attnpool.q_proj",),
+    "k": ("attnpool.k_proj",),
+    "v": ("attnpool.v_proj",),
+    "out": ("attnpool.c_proj",),
 }
 BERT_TARGETS = {
     "q": ("attention.self.query",),
@@ -85,34 +85,43 @@ class Family:
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family adapter of an open_clip CLIP / CustomTextCLIP; a one-line error otherwise."""
-    towers = {"vision": _vision_tower(model), "text": _text_tower(model)}
+    """The family adapter of an open_clip CLIP / CustomTextCLIP, or of an image encoder alone
+    (a ViT teacher's timm ViT or a CLIP's visual tower: one "vision" tower); a one-line error
+    for a tower fewclip does not know."""
+    if not hasattr(model, "visual"):
+        vision = _vision_tower(model, "")
+        return Family(name=f"{vision.kind} (image only)", towers={"vision": vision})
+    towers = {"vision": _vision_tower(model.visual, "visual."), "text": _text_tower(model)}
     name = f"{towers['vision'].kind} + {towers['text'].kind}"
     return Family(name=name, towers=towers)
 
 
-def _vision_tower(model: nn.Module) -> Tower:
+def _vision_tower(visual: nn.Module, prefix: str) -> Tower:
+    """The tower of image encoder `visual`, its module names under `prefix` ("visual." in a
+    CLIP, "" for the encoder alone)."""
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.timm_model import TimmModel
     from open_clip.transformer import VisionTransformer
 
     from fewclip.hf_clip import HFVisionTower
 
-    visual = getattr(model, "visual", None)
     if isinstance(visual, HFVisionTower):
-        blocks = "visual.vision_model.encoder.layers"
-        return Tower("hf-clip-vision", blocks, HF_CLIP_TARGETS)
+        return Tower("hf-clip-vision", f"{prefix}vision_model.encoder.layers", HF_CLIP_TARGETS)
     if isinstance(visual, ModifiedResNet):
-        return Tower("open_clip-resnet", "", RESNET_TARGETS)
+        targets = {key: (f"{prefix}{name}",) for key, (name,) in RESNET_TARGETS.items()}
+        return Tower("open_clip-resnet", "", targets)
     if isinstance(visual, VisionTransformer):
-        return Tower("open_clip-vit", "visual.transformer.resblocks", OPEN_CLIP_TARGETS)
-    if isinstance(visual, TimmModel) and hasattr(visual.trunk, "blocks"):
-        first = visual.trunk.blocks[0]
-        if hasattr(getattr(first, "attn", None), "proj"):
-            return Tower("timm-vit", "visual.trunk.blocks", TIMM_VIT_TARGETS)
+        return Tower("open_clip-vit", f"{prefix}transformer.resblocks", OPEN_CLIP_TARGETS)
+    trunk, trunk_prefix = (
+        (visual.trunk, "trunk.") if isinstance(visual, TimmModel) else (visual, "")
+    )
+    blocks = getattr(trunk, "blocks", None)
+    if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks):
+        if hasattr(getattr(blocks[0], "attn", None), "proj"):
+            return Tower("timm-vit", f"{prefix}{trunk_prefix}blocks", TIMM_VIT_TARGETS)
     raise ValueError(
         f"unsupported image tower {type(visual).__name__}: fewclip supports open_clip ViTs and"
-        " open_clip timm ViT towers (see fewclip/families.py)"
+        " ResNets, timm ViTs and Hugging Face CLIP vision towers (see fewclip/families.py)"
     )
 
 

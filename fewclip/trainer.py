@@ -105,6 +105,7 @@ class TrainerBase(abc.ABC):
     # (its predictions are prompt similarities from the start: refuses a model whose towers are
     # not aligned), "starts" (starts from them and trains: warns), "none" (image features only)
     text_anchor = "starts"
+    needs_patch_tokens = False  # True: token-level image features (a ViT family)
 
     @classmethod
     def config_key(cls) -> str:

@@ -331,6 +331,7 @@ LORA_VARIANTS = [
     ("AMLPF", ["TRAINER.AMLPF.STUDENT", "lora"]),
     ("CaMVLA", ["TRAINER.CAMVLA.TUNING", "lora", "LORA.ENCODER", "both"]),
     ("SAVLT", ["LORA.ENCODER", "both", "LORA.TARGETS", "q,v,out"]),
+    ("ViTTeacher", ["TRAINER.VITTEACHER.MODE", "lora", "LORA.TARGETS", "q,v,out"]),
 ]
 
 

@@ -83,6 +83,43 @@ def test_timm_encoder_loads_wrapped_local_weights_and_resizes_inputs(tmp_path):
     assert trainer.compute_logits(torch.randn(2, 3, 64, 64)).shape == (2, 4)  # resized 64 -> 32
 
 
+def test_lora_mode_adapts_a_timm_teachers_split_attention_and_trains_only_lora_and_head(tmp_path):
+    """MODE lora on an image-only timm ViT (UNI / CervixFM style): the fused qkv is split exactly
+    (equal to the original before training), LoRA goes on q, k, v and proj per LORA.TARGETS,
+    and only the LoRA tensors and the head train; the merged encoder equals the unmerged."""
+    from fewclip.lora import merge_lora
+
+    original, *_ = build_timm_encoder("vit_tiny_patch16_224", 32)
+    torch.save(original.state_dict(), tmp_path / "teacher.pt")
+    trainer = build_trainer(
+        "TRAINER.VITTEACHER.ARCH", "vit_tiny_patch16_224", "TRAINER.VITTEACHER.IMAGE_SIZE", "32",
+        "TRAINER.VITTEACHER.WEIGHTS", str(tmp_path / "teacher.pt"),
+        "TRAINER.VITTEACHER.MODE", "lora", "LORA.TARGETS", "q,v,out", "LORA.RANK", "2",
+    )  # fmt: skip
+    encoder = trainer.network["encoder"]
+    images = torch.randn(2, 3, 32, 32)
+    encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(images), original.eval()(images), atol=1e-5, rtol=0)
+    names = {name for name, _ in trainer.trainable_named_parameters()}
+    adapted = {name.split(".lora_")[0] for name in names if ".lora_" in name}
+    assert adapted == {f"encoder.blocks.{i}.attn.{m}" for i in range(12) for m in TARGETS}
+    head = {"head.0.weight", "head.0.bias", "head.3.weight", "head.3.bias"}  # the MLP head
+    assert {name for name in names if ".lora_" not in name} == head
+    with torch.no_grad():
+        for name, parameter in encoder.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.1)
+        unmerged = encoder(images)
+        merge_lora(encoder)
+        torch.testing.assert_close(encoder(images), unmerged, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="MODE lora adapts the image encoder only"):
+        build_trainer("TRAINER.VITTEACHER.MODE", "lora", "LORA.ENCODER", "text")
+
+
+TARGETS = ("q_proj", "v_proj", "proj")
+
+
 def test_weight_mismatch_is_one_error_naming_file_and_keys(tmp_path):
     encoder, *_ = build_timm_encoder("vit_tiny_patch16_224", 32)
     state = encoder.state_dict()

@@ -58,6 +58,7 @@ class CaMVLA(TrainerBase):
     adapter (ADAPTER conv_bn) and the cross-attention modules (ATTENTION learned; the source
     attention has no parameters)."""
 
+    needs_patch_tokens = True
     trainable_patterns = (
         r"\.lora_[AB]\.",
         r"^clip\.visual\.",

@@ -61,6 +61,7 @@ class SAVLT(TrainerBase):
     and the pooling: `source` its per-head queries and output Linear, `projected` its queries
     and multi-head attention projections, `cls` none."""
 
+    needs_patch_tokens = True
     trainable_patterns = (
         r"\.lora_[AB]\.",
         r"^clip\.visual\.proj$",

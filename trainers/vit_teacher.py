@@ -4,7 +4,9 @@ CervixFM / UNI evaluation protocol).
 The encoder is the open_clip visual tower of MODEL (ARCH "") or a timm architecture (ARCH = a timm
 model name), optionally with local weights (WEIGHTS: a UNI- or CervixFM-style state dict). A
 linear or MLP head on its pooled (CLS) features is trained: with the encoder (MODE finetune), or
-alone on the frozen encoder with a zero-initialised head (MODE linear_probe, CervixFM). Its run
+alone on the frozen encoder with a zero-initialised head (MODE linear_probe, CervixFM), or with
+LoRA on the encoder's attention (MODE lora: the LORA node's targets, as on any image tower; a
+timm ViT's fused qkv split exactly into q, k, v and its proj as out). Its run
 folder is a distillation teacher (DISTILL.SOURCE) for CLIP-LoRA and AMLPF.
 
 CervixFM's probe (yehua201826/CervixFM downstream/utils/train.py:99-140) encodes each training
@@ -30,13 +32,14 @@ from fewclip.backbones import describe_state_mismatch, read_state_dict, split_fu
 from fewclip.data import Item
 from fewclip.features import autocast_context
 from fewclip.images import to_model_input
+from fewclip.lora import apply_lora
 from fewclip.registry import TRAINERS
 from fewclip.samplers import add_sampler_keys
 from fewclip.trainer import ImageSet, TrainerBase
 
 LOGGER = logging.getLogger(__name__)
 HEADS = ("linear", "mlp")
-MODES = ("finetune", "linear_probe")
+MODES = ("finetune", "linear_probe", "lora")
 PROBE_AUGMENTS = ("none", "crop_flip")
 WRAPPER_PREFIXES = ("module.", "model.", "backbone.", "encoder.", "trunk.")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -120,7 +123,8 @@ def build_timm_encoder(name: str, image_size: int) -> tuple[nn.Module, int, tupl
 
 @TRAINERS.register()
 class ViTTeacher(TrainerBase):
-    """Trainable: the head, plus the whole encoder in MODE finetune (nothing of the text tower)."""
+    """Trainable: the head, plus the whole encoder in MODE finetune or its LoRA tensors in MODE
+    lora (nothing of the text tower)."""
 
     text_anchor = "none"
     trainable_patterns = (r"^encoder\.", r"^head\.")
@@ -133,7 +137,9 @@ class ViTTeacher(TrainerBase):
         node.IMAGE_SIZE = 0  # timm input size (images are resized to it); 0 = the model's
         node.MEAN = []  # input normalisation; [] = the architecture's (CLIP's or timm's)
         node.STD = []
-        node.MODE = "finetune"  # "finetune" (encoder + head) or "linear_probe" (head only)
+        # "finetune" (encoder + head), "linear_probe" (head only) or "lora" (LoRA of the
+        # encoder's attention by the LORA node, as on any image tower, + head)
+        node.MODE = "finetune"
         node.HEAD = "mlp"  # "linear" or "mlp"
         node.HIDDEN_DIM = 512  # width of the MLP head
         node.DROPOUT = 0.1  # dropout inside the MLP head
@@ -176,7 +182,14 @@ class ViTTeacher(TrainerBase):
         self.fixed_features = self.linear_probe and node.PROBE_AUGMENT == "none"
         self.train_features: torch.Tensor | None = None  # (N, D) when fixed_features
         self.train_size = 0
-        encoder.requires_grad_(not self.linear_probe)
+        encoder.requires_grad_(node.MODE == "finetune")
+        if node.MODE == "lora":
+            if self.cfg.LORA.ENCODER != "vision":
+                raise ValueError(
+                    "TRAINER.VITTEACHER.MODE lora adapts the image encoder only: set"
+                    f" LORA.ENCODER vision (got {self.cfg.LORA.ENCODER!r})"
+                )
+            apply_lora(encoder, self.cfg.LORA)  # freezes all but the LoRA tensors
         self.network["encoder"] = encoder
         self.network["head"] = build_head(
             node.HEAD, dim, len(self.class_names), node.HIDDEN_DIM, node.DROPOUT, self.linear_probe
