@@ -88,3 +88,23 @@ def test_unknown_trainer_is_one_line_from_the_command(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "unknown trainer 'ClipLoraa'" in done.stderr and "CLIPLoRA" in done.stderr
+
+
+def test_list_models_prints_families_models_and_the_trainers_that_apply(capsys):
+    """Which trainers apply comes from what each trainer declares: the patch-token methods are
+    not offered on a ResNet, zero-shot not on unaligned towers, only ViTTeacher on a teacher."""
+    from fewclip.catalogue import FAMILIES, applicable_trainers
+    from fewclip.cli import main
+    from fewclip.registry import TRAINERS
+
+    assert main(["--list-models"]) == 0
+    printed = capsys.readouterr().out
+    for text in ("hf-hub:microsoft/BiomedCLIP", "hf-hub:vinid/plip", "twin:resnet", "UNI"):
+        assert text in printed
+    trainers = [TRAINERS.get(name) for name in TRAINERS.names()]
+    by_family = {family.name: applicable_trainers(family, trainers) for family in FAMILIES}
+    assert {"SAVLT", "CaMVLA"} <= set(by_family["open_clip ViT"])
+    assert not {"SAVLT", "CaMVLA"} & set(by_family["open_clip ResNet"])
+    assert "ZeroShotCLIP" not in by_family["composed timm CNN + HF text (unaligned)"]
+    assert by_family["image-only timm ViT (teacher)"] == ["ViTTeacher"]
+    assert len(by_family["Hugging Face CLIPModel"]) == len(trainers)
