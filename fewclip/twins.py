@@ -20,6 +20,7 @@ every family by name.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import shutil
@@ -48,8 +49,43 @@ def write_bert_tokenizer(folder: Path) -> None:
     BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(str(folder))
 
 
-def write_timm_hf_twin(folder: str | Path, embed_dim: int = 32) -> Path:
+# The layout at toy size (tests) and at the real models' size (benchmarks: BiomedCLIP's ViT-B/16 +
+# BERT-base, openai/clip-vit-base-patch16, RN50), all with seeded random weights.
+TIMM_HF_SIZES = {
+    "tiny": {"timm": "test_vit", "image": 64, "embed": 32, "width": 32, "layers": 2, "heads": 2,
+             "context": 32},
+    "base": {"timm": "vit_base_patch16_224", "image": 224, "embed": 512, "width": 768,
+             "layers": 12, "heads": 12, "context": 256},
+}  # fmt: skip
+HF_CLIP_SIZES = {
+    "tiny": {
+        "vision": (32, 2, 2),
+        "text": (32, 2, 2),
+        "patch": 8,
+        "image": 32,
+        "embed": 16,
+        "context": 16,
+    },
+    "base": {
+        "vision": (768, 12, 12),
+        "text": (512, 12, 8),
+        "patch": 16,
+        "image": 224,
+        "embed": 512,
+        "context": 77,
+    },
+}  # fmt: skip  (width, layers, heads)
+RESNET_SIZES = {
+    "tiny": {"layers": [1, 1, 1, 1], "width": 8, "image": 64, "head_width": 8, "embed": 32,
+             "text": (32, 2, 2)},
+    "base": {"layers": [3, 4, 6, 3], "width": 64, "image": 224, "head_width": 64, "embed": 1024,
+             "text": (512, 12, 8)},
+}  # fmt: skip
+
+
+def write_timm_hf_twin(folder: str | Path, size: str = "tiny") -> Path:
     """Write a BiomedCLIP-shaped twin into `folder` (see the module docstring); returns it."""
+    shape = TIMM_HF_SIZES[size]
     import open_clip
     from safetensors.torch import save_file
     from transformers import BertConfig
@@ -62,29 +98,29 @@ def write_timm_hf_twin(folder: str | Path, embed_dim: int = 32) -> Path:
     vocabulary = (text_folder / "vocab.txt").read_text().split()
     BertConfig(
         vocab_size=len(vocabulary),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
+        hidden_size=shape["width"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        intermediate_size=2 * shape["width"] if size == "tiny" else 4 * shape["width"],
+        max_position_embeddings=max(64, shape["context"]),
         pad_token_id=0,
     ).save_pretrained(str(text_folder))
     config = {
         "model_cfg": {
-            "embed_dim": embed_dim,
+            "embed_dim": shape["embed"],
             "vision_cfg": {
-                "timm_model_name": "test_vit",
+                "timm_model_name": shape["timm"],
                 "timm_model_pretrained": False,
                 "timm_pool": "",
                 "timm_proj": "linear",
-                "image_size": 64,
+                "image_size": shape["image"],
             },
             "text_cfg": {
                 "hf_model_name": str(text_folder),
                 "hf_tokenizer_name": str(text_folder),
                 "hf_proj_type": "mlp",
                 "hf_pooler_type": "cls_last_hidden_state_pooler",
-                "context_length": 32,
+                "context_length": shape["context"],
             },
         },
         "preprocess_cfg": {  # BiomedCLIP's: OpenAI's mean and std
@@ -121,27 +157,40 @@ def write_clip_bpe_tokenizer(folder: Path) -> int:
     return vocabulary["<|endoftext|>"]
 
 
-def write_hf_clip_twin(folder: str | Path, embed_dim: int = 16) -> Path:
+def write_hf_clip_twin(folder: str | Path, size: str = "tiny") -> Path:
     """Write a Hugging Face CLIPModel twin (PLIP's layout: config.json, model.safetensors,
-    vocab.json, merges.txt): ViT width 32, 2 layers, patch 8 at 32x32; text width 32, 2
-    layers, context 16. Load it with MODEL.NAME "local-dir:<folder>"."""
+    vocab.json, merges.txt); tiny: ViT width 32, 2 layers, patch 8 at 32x32, text width 32, 2
+    layers, context 16; base: openai/clip-vit-base-patch16's shapes. Load it with MODEL.NAME
+    "local-dir:<folder>"."""
     from transformers import CLIPConfig, CLIPModel
 
+    shape = HF_CLIP_SIZES[size]
     folder = Path(folder)
     end_id = write_clip_bpe_tokenizer(folder)
-    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+
+    def tower(width: int, layers: int, heads: int) -> dict:
+        return {
+            "hidden_size": width,
+            "intermediate_size": (2 if size == "tiny" else 4) * width,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+        }
+
     config = CLIPConfig(
         text_config={
-            **tower,
-            "num_attention_heads": 2,
+            **tower(*shape["text"]),
             "vocab_size": end_id + 1,
-            "max_position_embeddings": 16,
+            "max_position_embeddings": shape["context"],
             "bos_token_id": end_id - 1,
             "eos_token_id": end_id,
             "pad_token_id": end_id,
         },
-        vision_config={**tower, "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
-        projection_dim=embed_dim,
+        vision_config={
+            **tower(*shape["vision"]),
+            "image_size": shape["image"],
+            "patch_size": shape["patch"],
+        },
+        projection_dim=shape["embed"],
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TWIN_SEED)
@@ -150,20 +199,32 @@ def write_hf_clip_twin(folder: str | Path, embed_dim: int = 16) -> Path:
     return folder
 
 
-def write_resnet_twin(folder: str | Path) -> Path:
-    """Write a tiny open_clip ResNet CLIP folder (see the module docstring); returns it."""
+def write_resnet_twin(folder: str | Path, size: str = "tiny") -> Path:
+    """Write an open_clip ResNet CLIP folder (see the module docstring; base: RN50's shapes)."""
     import open_clip
     from safetensors.torch import save_file
 
+    shape = RESNET_SIZES[size]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    width, layers, heads = shape["text"]
     model_cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"layers": [1, 1, 1, 1], "width": 8, "image_size": 64, "head_width": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 2},
-    }  # fmt: skip
-    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": 64}}
+        "embed_dim": shape["embed"],
+        "vision_cfg": {
+            "layers": shape["layers"],
+            "width": shape["width"],
+            "image_size": shape["image"],
+            "head_width": shape["head_width"],
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": width,
+            "heads": heads,
+            "layers": layers,
+        },
+    }
+    config = {"model_cfg": model_cfg, "preprocess_cfg": {"size": shape["image"]}}
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TWIN_SEED)
@@ -177,6 +238,10 @@ TWINS: dict[str, Callable[[Path], Path]] = {
     "timm-hf": write_timm_hf_twin,
     "hf-clip": write_hf_clip_twin,
     "resnet": write_resnet_twin,
+    # the real models' sizes, for the benchmark (hundreds of MB each)
+    "timm-hf-base": functools.partial(write_timm_hf_twin, size="base"),
+    "hf-clip-base": functools.partial(write_hf_clip_twin, size="base"),
+    "resnet-base": functools.partial(write_resnet_twin, size="base"),
 }
 COMPLETE = "twin-complete"  # written last: a folder without it is a write that did not finish
 

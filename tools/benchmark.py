@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python tools/benchmark.py            # tiny model + ViT-B/16
     HF_HUB_OFFLINE=1 .venv/bin/python tools/benchmark.py --skip-vit # tiny model only (~3 min)
+    HF_HUB_OFFLINE=1 .venv/bin/python tools/benchmark.py --families # + every family's twins
 
 The reference is what a one-off script does: decode each JPEG with PIL and torchvision transforms
 in a DataLoader every step, recompute the (frozen) text features every step, evaluate through a
@@ -10,6 +11,9 @@ Every measurement runs in its own process, so peak memory (VmHWM) is per measure
 is the best of --repeats interleaved runs (robust to a busy machine). Data are generated JPEGs
 (tiny model: 96 px -> 64; ViT-B/16 with random weights: 288 px -> 224). LoRA runs use
 LORA.ENCODER vision (frozen text tower), so per-step text encoding is pure reference overhead.
+--families adds the same throughput rows for each model family's twin (fewclip/twins.py): the
+tiny twins, and unless --skip-vit the twins at the real models' size with random weights
+(BiomedCLIP's ViT-B/16 + BERT-base, openai/clip-vit-base-patch16, RN50).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from tools.benchmark_reference import (  # noqa: E402
 )
 
 RECIPES = ROOT / "configs" / "trainers"
+FAMILY_TWINS = ("twin:timm-hf", "twin:hf-clip", "twin:resnet")
 DATASET_CONFIG = ROOT / "configs" / "datasets" / "image_folder_example.yaml"
 
 
@@ -289,6 +294,7 @@ def main() -> None:
     parser.add_argument("--vit-steps", type=int, default=1, help="ViT-B/16: training steps")
     parser.add_argument("--vit-eval-images", type=int, default=32, help="ViT-B/16: eval images")
     parser.add_argument("--channels-last", action="store_true", help="also time PERF.CHANNELS_LAST")
+    parser.add_argument("--families", action="store_true", help="also time every family's twin")
     parser.add_argument("--work", default="", help="folder for data and caches (default: temp)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
@@ -323,6 +329,10 @@ def main() -> None:
     sweep.update(cache=str(work / "sweep-cache"), output=str(work / "sweep-out"))
     report["sweep"] = run_child("sweep", sweep, args.threads)["result"]
     report["reference_sweep"] = run_child("reference_sweep", sweep, args.threads)["result"]
+    families = {}
+    for name in FAMILY_TWINS if args.families else ():
+        spec = {**throughput, "model": name, "output": str(work / f"out-{name[5:]}")}
+        families[name] = run_child("throughput", spec, args.threads)["result"]
     if not args.skip_vit:
         vit_root = make_jpeg_dataset(work / "vit-data", 1, 16, 288)
         vit = {**common, "root": str(vit_root), "model": "ViT-B-16", "batch": 32, "shots": 8}
@@ -334,6 +344,14 @@ def main() -> None:
         vit_throughput = {**vit, "eval_batch": 32, "eval_images": args.vit_eval_images}
         vit_throughput.update(repeats=1, output=str(work / "vit-out"))
         report["vit"] = run_child("throughput", vit_throughput, args.threads)["result"]
+        for name in FAMILY_TWINS if args.families else ():
+            spec = {
+                **vit_throughput,
+                "model": f"{name}-base",
+                "output": str(work / f"out-{name[5:]}-base"),
+            }
+            families[f"{name}-base"] = run_child("throughput", spec, args.threads)["result"]
+    report["families"] = families
     report["benchmark_seconds"] = time.perf_counter() - started
     (work / "benchmark.json").write_text(json.dumps(report, indent=1))
     print_report(report, tiny_images)
@@ -347,6 +365,8 @@ def print_report(report: dict, tiny_images: int) -> None:
         lines += throughput_lines("tiny-vit channels_last", report["tiny_channels_last"])
     if "vit" in report:
         lines += throughput_lines("ViT-B-16", report["vit"])
+    for name, result in report.get("families", {}).items():
+        lines += throughput_lines(name, result)
     sweep_lines, sweep = sweep_summary(report["sweep"], report["reference_sweep"], tiny_images)
     lines += ["", "Sweep: tiny-vit, shots 1/2/4 x seeds 1/2/3 x zero-shot/linear probe/LoRA", ""]
     lines += sweep_lines
