@@ -86,7 +86,7 @@ class Family:
 
 def family_of(model: nn.Module) -> Family:
     """The family adapter of an open_clip CLIP / CustomTextCLIP; a one-line error otherwise."""
-    towers = {"vision": _vision_tower(model), "text": _text_tower(model)}
+    towers = {"vision": _vision_tower(model), "text": text_tower(model)}
     name = f"{towers['vision'].kind} + {towers['text'].kind}"
     return Family(name=name, towers=towers)
 
@@ -116,7 +116,8 @@ def _vision_tower(model: nn.Module) -> Tower:
     )
 
 
-def _text_tower(model: nn.Module) -> Tower:
+def text_tower(model: nn.Module) -> Tower:
+    """The adapter of the text tower alone (prompt learning needs no image tower's)."""
     from open_clip.hf_model import HFTextEncoder
 
     from fewclip.hf_clip import HFTextTower
@@ -126,16 +127,18 @@ def _text_tower(model: nn.Module) -> Tower:
         return Tower("hf-clip-text", "text.text_model.encoder.layers", HF_CLIP_TARGETS)
     if text is None and hasattr(model, "transformer"):  # open_clip CLIP keeps the text inline
         return Tower("open_clip-text", "transformer.resblocks", OPEN_CLIP_TARGETS)
+    name = type(text).__name__
     if isinstance(text, HFTextEncoder):
         encoder = getattr(text.transformer, "encoder", None)
         layers = getattr(encoder, "layer", None)
         if layers is not None and hasattr(layers[0].attention, "self"):
             return Tower("hf-bert", "text.transformer.encoder.layer", BERT_TARGETS)
+        name = f"{name} ({type(text.transformer).__name__})"
     elif text is not None and hasattr(text, "transformer") and hasattr(text, "token_embedding"):
         return Tower("open_clip-text", "text.transformer.resblocks", OPEN_CLIP_TARGETS)
     raise ValueError(
-        f"unsupported text tower {type(text).__name__}: fewclip supports open_clip text"
-        " transformers and Hugging Face BERT encoders (see fewclip/families.py)"
+        f"unsupported text tower {name}: fewclip supports open_clip text transformers, Hugging"
+        " Face BERT encoders and Hugging Face CLIP text models (see fewclip/families.py)"
     )
 
 
