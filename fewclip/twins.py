@@ -116,7 +116,8 @@ def write_clip_bpe_tokenizer(folder: Path) -> int:
 def write_hf_clip_twin(folder: str | Path, embed_dim: int = 16) -> Path:
     """Write a Hugging Face CLIPModel twin (PLIP's layout: config.json, model.safetensors,
     vocab.json, merges.txt): ViT width 32, 2 layers, patch 8 at 32x32; text width 32, 2
-    layers, context 16. Load it with MODEL.NAME "local-dir:<folder>"."""
+    layers, context 32 (room for CoOp's 16 context vectors and a class name in the tokenizer's
+    letters). Load it with MODEL.NAME "local-dir:<folder>"."""
     from transformers import CLIPConfig, CLIPModel
 
     folder = Path(folder)
@@ -127,7 +128,7 @@ def write_hf_clip_twin(folder: str | Path, embed_dim: int = 16) -> Path:
             **tower,
             "num_attention_heads": 2,
             "vocab_size": end_id + 1,
-            "max_position_embeddings": 16,
+            "max_position_embeddings": 32,
             "bos_token_id": end_id - 1,
             "eos_token_id": end_id,
             "pad_token_id": end_id,
