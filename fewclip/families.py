@@ -91,7 +91,7 @@ def family_of(model: nn.Module) -> Family:
     if not hasattr(model, "visual"):
         vision = _vision_tower(model, "")
         return Family(name=f"{vision.kind} (image only)", towers={"vision": vision})
-    towers = {"vision": _vision_tower(model.visual, "visual."), "text": _text_tower(model)}
+    towers = {"vision": _vision_tower(model.visual, "visual."), "text": text_tower(model)}
     name = f"{towers['vision'].kind} + {towers['text'].kind}"
     return Family(name=name, towers=towers)
 
@@ -125,7 +125,8 @@ def _vision_tower(visual: nn.Module, prefix: str) -> Tower:
     )
 
 
-def _text_tower(model: nn.Module) -> Tower:
+def text_tower(model: nn.Module) -> Tower:
+    """The adapter of the text tower alone (prompt learning needs no image tower's)."""
     from open_clip.hf_model import HFTextEncoder
 
     from fewclip.hf_clip import HFTextTower
@@ -135,16 +136,18 @@ def _text_tower(model: nn.Module) -> Tower:
         return Tower("hf-clip-text", "text.text_model.encoder.layers", HF_CLIP_TARGETS)
     if text is None and hasattr(model, "transformer"):  # open_clip CLIP keeps the text inline
         return Tower("open_clip-text", "transformer.resblocks", OPEN_CLIP_TARGETS)
+    name = type(text).__name__
     if isinstance(text, HFTextEncoder):
         encoder = getattr(text.transformer, "encoder", None)
         layers = getattr(encoder, "layer", None)
         if layers is not None and hasattr(layers[0].attention, "self"):
             return Tower("hf-bert", "text.transformer.encoder.layer", BERT_TARGETS)
+        name = f"{name} ({type(text.transformer).__name__})"
     elif text is not None and hasattr(text, "transformer") and hasattr(text, "token_embedding"):
         return Tower("open_clip-text", "text.transformer.resblocks", OPEN_CLIP_TARGETS)
     raise ValueError(
-        f"unsupported text tower {type(text).__name__}: fewclip supports open_clip text"
-        " transformers and Hugging Face BERT encoders (see fewclip/families.py)"
+        f"unsupported text tower {name}: fewclip supports open_clip text transformers, Hugging"
+        " Face BERT encoders and Hugging Face CLIP text models (see fewclip/families.py)"
     )
 
 

@@ -47,6 +47,15 @@ class HFTextTower(nn.Module):
         return self.text_projection(self.text_model(input_ids=text).pooler_output)
 
 
+def end_token_positions(text_model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L) ids -> (N,) index of the token a Hugging Face CLIP text model pools, as its forward
+    picks it: the first `eos_token_id` (the padding may be the end token too), or the largest id
+    for configs from before transformers PR 24773 (eos_token_id 2)."""
+    if text_model.eos_token_id == 2:
+        return tokens.argmax(dim=-1)
+    return (tokens == text_model.eos_token_id).int().argmax(dim=-1)
+
+
 class HFClip(nn.Module):
     """A Hugging Face CLIPModel with open_clip's calls; its parameters are the CLIPModel's."""
 

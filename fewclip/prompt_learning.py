@@ -2,14 +2,18 @@
 take the place of word embeddings, and the frozen text tower runs on the assembled sequence.
 
 `encode_prompt_embeddings` is the one entry point into a text tower; it takes the model, the
-assembled embeddings and the token ids they stand for (which locate the end token), so a
-backbone family with another text tower can give it its own body without touching a trainer.
-Today it runs the open_clip text transformer (model.text or the CLIP's own text modules).
+assembled embeddings and the token ids they stand for (which give the attention mask and the
+end token), and runs the body of the model's text tower (`fewclip.text_body`): open_clip's text
+transformer, open_clip's Hugging Face BERT tower (BiomedCLIP) or a Hugging Face CLIP text model
+(PLIP), so no trainer branches on the family. A tower no body can run (an open_clip tower with a
+class token, an unknown Hugging Face encoder) is a one-line error naming it.
 
 The assembly follows KaiyangZhou/CoOp trainers/coop.py:98-182: the prompt "X X ... X name." is
-tokenised, its embeddings split into the start token (prefix) and the class words, full stop,
-end token and padding (suffix), and the context goes at the end (after the start token), in the
-middle (half before, half after the class words) or at the front (after the class words).
+tokenised, its embeddings split into the start token (prefix: <|startoftext|> or [CLS]) and the
+class words, full stop, end token and padding (suffix), and the context goes at the end (after
+the start token), in the middle (half before, half after the class words) or at the front
+(after the class words). The context occupies the "X" positions of the token ids, so the ids'
+padding mask and end-token position are the assembled prompt's.
 """
 
 from __future__ import annotations
@@ -19,26 +23,15 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fewclip.text_body import text_body
+
 CLASS_TOKEN_POSITIONS = ("end", "middle", "front")
 PLACEHOLDER = "X"  # the word standing for one context vector (coop.py:91)
 
 
-def _text_modules(model: nn.Module) -> nn.Module:
-    """The module holding token_embedding, positional_embedding, transformer and ln_final."""
-    tower = model.text if hasattr(model, "text") else model
-    if not all(hasattr(tower, n) for n in ("token_embedding", "positional_embedding", "ln_final")):
-        raise ValueError(
-            f"prompt learning needs an open_clip text transformer, not {type(tower).__name__}:"
-            " CoOp, CoCoOp and KgCoOp do not run on Hugging Face text towers yet"
-        )
-    if getattr(tower, "cls_emb", None) is not None:
-        raise ValueError("prompt learning: text towers with a class token are not supported")
-    return tower
-
-
 def embed_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(N, L) token ids -> (N, L, W) word embeddings of the text tower (no position added)."""
-    return _text_modules(model).token_embedding(tokens)
+    return text_body(model).embed(tokens)
 
 
 def encode_prompt_embeddings(
@@ -46,32 +39,19 @@ def encode_prompt_embeddings(
 ) -> torch.Tensor:
     """Text features of assembled prompts: embeddings (N, L, W) in the place of the word
     embeddings of `tokens` (N, L) -> (N, D), not normalised. Equal to `model.encode_text(tokens)`
-    when `embeddings` are the tokens' own (tested). Gradients flow to `embeddings` through the
-    frozen tower (coop.py:46-57: + positions, transformer, ln_final, end token, projection)."""
-    tower = _text_modules(model)
-    length = tokens.shape[1]
-    cast_dtype = tower.transformer.get_cast_dtype()
-    x = embeddings.to(cast_dtype) + tower.positional_embedding[:length].to(cast_dtype)
-    mask = getattr(tower, "attn_mask", None)
-    x = tower.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
-    x = tower.ln_final(x)
-    pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-    eos_id = getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
-    from open_clip.transformer import text_global_pool
-
-    pooled = text_global_pool(x, tokens, pool_type, eos_token_id=eos_id)
-    projection = tower.text_projection
-    if isinstance(projection, nn.Linear):
-        return projection(pooled)
-    return pooled if projection is None else pooled @ projection
+    when `embeddings` are the tokens' own (tested on every family). Gradients flow to
+    `embeddings` through the frozen tower (coop.py:46-57: positions, transformer, the end
+    token's or the tower's pooling, projection); the tokens give the attention mask and the
+    pooled position."""
+    return text_body(model).encode(embeddings, tokens)
 
 
 def count_name_tokens(
-    tokenizer: Callable[[list[str]], torch.Tensor], names: Sequence[str]
+    model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], names: Sequence[str]
 ) -> list[int]:
-    """BPE tokens of each name alone (coop.py:99): the end token's index minus the start token."""
-    tokens = tokenizer(list(names))
-    return [int(index) - 1 for index in tokens.argmax(dim=-1)]
+    """Tokens of each name alone (coop.py:99): the end token's index minus the start token's,
+    the end token found as the model's text tower finds it (BPE end token, BERT [SEP])."""
+    return [int(end) - 1 for end in text_body(model).end_positions(tokenizer(list(names)))]
 
 
 def build_prompt_texts(names: Sequence[str], n_ctx: int, prefix: str = "") -> list[str]:
@@ -134,26 +114,34 @@ class PromptLearner(nn.Module):
                 f"{', '.join(CLASS_TOKEN_POSITIONS)}"
             )
         device = model.logit_scale.device
+        body = text_body(model)
         ctx_init = ctx_init.replace("_", " ").strip()
         with torch.no_grad():
-            if ctx_init:  # coop.py:72-80: the words' own embeddings
-                n_ctx = len(ctx_init.split(" "))
-                init = embed_tokens(model, tokenizer([ctx_init]).to(device))[0, 1 : 1 + n_ctx]
+            if ctx_init:  # coop.py:72-80: the words' own embeddings, one vector per token
+                n_ctx = count_name_tokens(model, tokenizer, [ctx_init])[0]
+                init = body.embed(tokenizer([ctx_init]).to(device))[0, 1 : 1 + n_ctx]
                 ctx = init.repeat(len(names), 1, 1) if class_specific else init
             else:  # coop.py:83-90: N(0, 0.02)
-                width = _text_modules(model).token_embedding.weight.shape[1]
-                shape = (len(names), n_ctx, width) if class_specific else (n_ctx, width)
+                shape = (len(names), n_ctx, body.width) if class_specific else (n_ctx, body.width)
                 ctx = torch.empty(shape).normal_(std=0.02)
             tokens = tokenizer(build_prompt_texts(names, n_ctx, ctx_init)).to(device)
-            embedding = embed_tokens(model, tokens).float()
+            embedding = body.embed(tokens).float()
+        name_lengths = count_name_tokens(model, tokenizer, names)
+        ends = body.end_positions(tokens).tolist()
+        for name, length, end in zip(names, name_lengths, ends):
+            if end < 1 + n_ctx + length + 1:  # start, context, name, full stop: cut to fit
+                raise ValueError(
+                    f"prompt learning: {n_ctx} context vectors and the class words {name!r}"
+                    f" ({length} tokens) do not fit the text tower's {tokens.shape[1]} tokens;"
+                    " use fewer context vectors or shorter class words"
+                )
         self.ctx = nn.Parameter(ctx.float().clone())
         self.n_ctx, self.position = n_ctx, position
-        self.tokens = (
-            tokens.cpu()
-        )  # (C, L) ids of the 'X X ... name.' prompts: where the end token is
-        self.token_prefix = embedding[:, :1].cpu()  # (C, 1, W) start token
+        # (C, L) ids of the 'X X ... name.' prompts: the end token's place and the padding mask
+        self.tokens = tokens.cpu()
+        self.token_prefix = embedding[:, :1].cpu()  # (C, 1, W) start token ([CLS] for BERT)
         self.token_suffix = embedding[:, 1 + n_ctx :].cpu()  # (C, L-1-M, W) name, ., end, pad
-        self.name_lengths = count_name_tokens(tokenizer, names)
+        self.name_lengths = name_lengths
 
     def forward(self, context: torch.Tensor | None = None) -> torch.Tensor:
         """(C, L, W) prompt embeddings for `context` (M, W) or (C, M, W); default `self.ctx`."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fewclip.hf_clip import end_token_positions
+
 
 def _timm_trunk(visual: nn.Module) -> nn.Module | None:
     """The timm ViT inside an open_clip TimmModel, or None for other towers."""
@@ -231,10 +233,6 @@ def _encode_hf_clip_text_tokens(
     pooled, tokens = output.pooler_output, output.last_hidden_state
     if project:
         pooled, tokens = tower.text_projection(pooled), tower.text_projection(tokens)
-    eos_id = tower.text_model.eos_token_id
-    if eos_id == 2:  # configs before transformers PR 24773: the end token has the largest id
-        end = text.argmax(dim=-1)
-    else:
-        end = (text == eos_id).int().argmax(dim=-1)
+    end = end_token_positions(tower.text_model, text)
     positions = torch.arange(text.shape[1], device=text.device)
     return pooled, tokens, (positions >= 1) & (positions <= end.unsqueeze(1))

@@ -57,14 +57,14 @@ TIMM_HF_SIZES = {
     "base": {"timm": "vit_base_patch16_224", "image": 224, "embed": 512, "width": 768,
              "layers": 12, "heads": 12, "context": 256},
 }  # fmt: skip
-HF_CLIP_SIZES = {
+HF_CLIP_SIZES = {  # vision, text: (width, layers, heads)
     "tiny": {
         "vision": (32, 2, 2),
         "text": (32, 2, 2),
         "patch": 8,
         "image": 32,
         "embed": 16,
-        "context": 16,
+        "context": 32,
     },
     "base": {
         "vision": (768, 12, 12),
@@ -74,7 +74,7 @@ HF_CLIP_SIZES = {
         "embed": 512,
         "context": 77,
     },
-}  # fmt: skip  (width, layers, heads)
+}
 RESNET_SIZES = {
     "tiny": {"layers": [1, 1, 1, 1], "width": 8, "image": 64, "head_width": 8, "embed": 32,
              "text": (32, 2, 2)},
@@ -160,7 +160,8 @@ def write_clip_bpe_tokenizer(folder: Path) -> int:
 def write_hf_clip_twin(folder: str | Path, size: str = "tiny") -> Path:
     """Write a Hugging Face CLIPModel twin (PLIP's layout: config.json, model.safetensors,
     vocab.json, merges.txt); tiny: ViT width 32, 2 layers, patch 8 at 32x32, text width 32, 2
-    layers, context 16; base: openai/clip-vit-base-patch16's shapes. Load it with MODEL.NAME
+    layers, context 32 (room for CoOp's 16 context vectors and a class name in the tokenizer's
+    letters); base: openai/clip-vit-base-patch16's shapes. Load it with MODEL.NAME
     "local-dir:<folder>"."""
     from transformers import CLIPConfig, CLIPModel
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a config rooted in a temporary folder and tiny generated image trees."""
+"""Shared fixtures: a config rooted in a temporary folder, tiny generated image trees and the
+model-family twins written to disk."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from yacs.config import CfgNode
 
 from fewclip.config import get_cfg_defaults
 from fewclip.registry import DATASETS, load_installed_plugins
+from fewclip.twins import write_hf_clip_twin, write_resnet_twin, write_timm_hf_twin
 
 load_installed_plugins()  # the built-in datasets and trainers, as the fewclip command does
 
@@ -101,6 +103,24 @@ def fast_opts(tmp_path: Path, shared_cache: Path) -> list[str]:
         "OPTIM.BATCH_SIZE", "8",
         "EVAL.BATCH_SIZE", "64",
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def timm_hf_twin(tmp_path_factory) -> Path:
+    """BiomedCLIP's layout at toy size (fewclip.twins); read-only, shared by the session."""
+    return write_timm_hf_twin(tmp_path_factory.mktemp("timm_hf_twin"))
+
+
+@pytest.fixture(scope="session")
+def hf_clip_twin(tmp_path_factory) -> Path:
+    """A Hugging Face CLIPModel folder at toy size (PLIP's layout); read-only."""
+    return write_hf_clip_twin(tmp_path_factory.mktemp("hf_clip_twin"))
+
+
+@pytest.fixture(scope="session")
+def resnet_twin(tmp_path_factory) -> Path:
+    """An open_clip ResNet CLIP folder at toy size; read-only."""
+    return write_resnet_twin(tmp_path_factory.mktemp("resnet_twin"))
 
 
 @pytest.fixture

@@ -25,24 +25,8 @@ from fewclip.registry import DATASETS, TRAINERS
 from fewclip.run import build_image_set, load_clip
 from fewclip.splits import build_split
 from fewclip.tokens import encode_image_tokens, encode_text_tokens, patch_grid
-from fewclip.twins import write_hf_clip_twin, write_resnet_twin, write_timm_hf_twin
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def timm_hf_twin(tmp_path_factory) -> Path:
-    return write_timm_hf_twin(tmp_path_factory.mktemp("timm_hf_twin"))
-
-
-@pytest.fixture(scope="module")
-def hf_clip_twin(tmp_path_factory) -> Path:
-    return write_hf_clip_twin(tmp_path_factory.mktemp("hf_clip_twin"))
-
-
-@pytest.fixture(scope="module")
-def resnet_twin(tmp_path_factory) -> Path:
-    return write_resnet_twin(tmp_path_factory.mktemp("resnet_twin"))
 
 
 @pytest.fixture(params=["timm_hf_twin", "hf_clip_twin", "resnet_twin"])
@@ -182,8 +166,8 @@ def test_hf_clip_twin_loads_and_equals_the_hugging_face_model(hf_clip_twin):
     assert family_of(model).name == "hf-clip-vision + hf-clip-text"
     assert bundle.image_size == 32 and image_feature_dim(model) == 16
     images = torch.randn(2, 3, 32, 32)
-    text = bundle.tokenizer(["a photo of abnormal cells", "normal"])
-    assert text.shape == (2, 16)
+    text = bundle.tokenizer(["a photo of abnormal squamous cervical cells", "normal"])
+    assert text.shape == (2, 32)
     with torch.no_grad():
         output = reference(input_ids=text, pixel_values=images)
         torch.testing.assert_close(model.encode_image(images, normalize=True), output.image_embeds)
@@ -193,7 +177,8 @@ def test_hf_clip_twin_loads_and_equals_the_hugging_face_model(hf_clip_twin):
         pooled_text, words, valid = encode_text_tokens(model, text)
         torch.testing.assert_close(pooled_text, model.encode_text(text))
     assert patch_grid(model) == (4, 4) and tokens.shape == (2, 16, 32)
-    assert valid.sum(dim=1).tolist() == [15, 7]  # "normal": 6 letters + the end token
+    # 37 letters cut to 30 + the end token; "normal": 6 letters + the end token
+    assert valid.sum(dim=1).tolist() == [31, 7]
     assert float(model.logit_scale.detach()) == float(reference.logit_scale.detach())
 
 
@@ -320,12 +305,7 @@ def test_lora_on_the_resnet_twin_adapts_its_attention_pool(resnet_twin):
 
 # ----- every registered trainer on the twin --------------------------------------------------
 # twin -> trainers whose method needs what that family lacks, and the one-line error they give
-PROMPT_LEARNING = "prompt learning needs an open_clip text transformer"
-NOT_APPLICABLE = {
-    "resnet_twin": {"SAVLT": "no patch tokens", "CaMVLA": "no patch tokens"},
-    "timm_hf_twin": {name: PROMPT_LEARNING for name in ("CoOp", "CoCoOp", "KgCoOp")},
-    "hf_clip_twin": {name: PROMPT_LEARNING for name in ("CoOp", "CoCoOp", "KgCoOp")},
-}
+NOT_APPLICABLE = {"resnet_twin": {"SAVLT": "no patch tokens", "CaMVLA": "no patch tokens"}}
 # the LoRA variants of trainers whose recipe trains something else
 LORA_VARIANTS = [
     ("AMLPF", ["TRAINER.AMLPF.STUDENT", "lora"]),
@@ -361,7 +341,7 @@ def test_trainer_contract_on_every_family_twin(trainer_name, extra, fast_opts, t
 
 
 def test_truncated_finds_the_texts_each_tokenizer_cuts(timm_hf_twin, hf_clip_twin):
-    """Open_clip's BPE (77 tokens), the BERT twin (32) and the Hugging Face CLIP twin (16)."""
+    """Open_clip's BPE (77 tokens), the BERT twin (32) and the Hugging Face CLIP twin (32)."""
     from fewclip.prompts import truncated
 
     words = "abnormal cells"
@@ -370,12 +350,10 @@ def test_truncated_finds_the_texts_each_tokenizer_cuts(timm_hf_twin, hf_clip_twi
         texts = [words, " ".join(["normal"] * (context - 2)), " ".join(["normal"] * (context - 1))]
         assert truncated(tokenizer, texts) == [False, False, True], name
     tokenizer = build_clip(model_cfg(f"local-dir:{hf_clip_twin}")).tokenizer
-    # the twin's vocabulary spells unseen words letter by letter: "normal" is 6 tokens + end
-    assert truncated(tokenizer, ["normal", "normal normal", "normal normal normal"]) == [
-        False,
-        False,
-        True,
-    ]
+    # the twin's vocabulary spells words letter by letter: "normal" is 6 tokens, 2 more for the
+    # start and end tokens: 5 words fill the context of 32, 6 are cut
+    texts = [" ".join(["normal"] * words) for words in (1, 5, 6)]
+    assert truncated(tokenizer, texts) == [False, False, True]
 
 
 def test_prompts_longer_than_the_text_tower_warn_naming_the_class(hf_clip_twin, fast_opts, caplog):
