@@ -1,12 +1,13 @@
 """Figures (PNG, matplotlib's Agg canvas; pyplot's global state is never touched).
 
 Sweep figures read aggregated rows (fewclip.aggregate): metric vs shots with ±std bands per
-method, and per-center bars. Run figures read one results.json: the confusion matrix and the
-reliability diagram of the in-domain test set.
+method (bars when there is one shot count), and per-center bars. Run figures read one
+results.json: the confusion matrix of every eval set and the in-domain reliability diagram.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -153,31 +154,50 @@ def plot_reliability(reliability: dict[str, list], path: str | Path, title: str 
     return _save(figure, path)
 
 
-def write_run_figures(results: dict[str, Any], run_dir: str | Path) -> list[Path]:
-    """confusion_matrix.png and reliability.png of the run's in-domain test set (if evaluated).
+def confusion_figure_name(eval_set: str) -> str:
+    """confusion_matrix.png for the in-domain test, confusion_matrix_<eval set>.png otherwise."""
+    if eval_set == "in-domain":
+        return "confusion_matrix.png"
+    return "confusion_matrix_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", eval_set) + ".png"
 
-    Skipped when both are newer than the run's results.json.
+
+def write_run_figures(results: dict[str, Any], run_dir: str | Path) -> list[Path]:
+    """The run's confusion matrix of every eval set (in-domain test, each target center, the
+    cross-dataset target in its own classes) and the in-domain reliability diagram.
+
+    Skipped when all are newer than the run's results.json.
     """
+    from fewclip.aggregate import eval_sets  # torch-free; here to keep figures' imports light
+
     run_dir = Path(run_dir)
-    test = (results.get("metrics") or {}).get("test")
+    sets = {
+        name: values
+        for name, values in eval_sets(results.get("metrics") or {}).items()
+        if values.get("confusion_matrix")
+    }
+    test = sets.get("in-domain")
     if results.get("status") != "complete" or not test:
         return []
-    paths = [run_dir / "confusion_matrix.png", run_dir / "reliability.png"]
+    confusion = {name: run_dir / confusion_figure_name(name) for name in sets}
+    paths = [*confusion.values(), run_dir / "reliability.png"]
     results_file = run_dir / "results.json"
     if results_file.exists() and all(
         p.exists() and p.stat().st_mtime >= results_file.stat().st_mtime for p in paths
     ):
         return paths
-    matrix = test["confusion_matrix"]
-    class_names = list(results.get("class_names") or [])
-    if len(class_names) != len(matrix):
-        class_names = [str(index) for index in range(len(matrix))]
+    own_classes = list(results.get("class_names") or [])
     cfg = results.get("config", {})
     method = f"{cfg.get('TRAINER', {}).get('NAME', '?')}/{cfg.get('RECIPE', '?')}"
     name = f"{method}, {cfg.get('DATASET', {}).get('NUM_SHOTS', '?')} shots"
     name += f", seed {cfg.get('SEED', '?')}"
-    plot_confusion_matrix(matrix, class_names, paths[0], f"in-domain test: {name}")
+    for eval_set, values in sets.items():
+        matrix = values["confusion_matrix"]
+        class_names = list(values.get("class_names") or own_classes)  # a cross target's own
+        if len(class_names) != len(matrix):
+            class_names = [str(index) for index in range(len(matrix))]
+        title = "in-domain test" if eval_set == "in-domain" else eval_set
+        plot_confusion_matrix(matrix, class_names, confusion[eval_set], f"{title}: {name}")
     ece = test.get("ece")
     suffix = f" (ECE {ece * 100:.1f}%)" if ece is not None else ""
-    plot_reliability(test["reliability"], paths[1], f"{name}{suffix}")
+    plot_reliability(test["reliability"], paths[-1], f"{name}{suffix}")
     return paths

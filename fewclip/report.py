@@ -44,16 +44,18 @@ def _dataset_figures(rows: list[dict], metric: str, root: Path) -> list[str]:
         by_dataset[row["dataset"]].append(row)
     for dataset, members in sorted(by_dataset.items()):
         lines += [f"### {dataset}", ""]
-        curve = plot_metric_vs_shots(
-            members, metric, root / "figures" / f"{_safe(dataset)}_{metric}_vs_shots.png"
-        )
-        lines += [f"![{metric} vs shots, {dataset}]({_relative(curve, root)})", ""]
-        if len({row["eval_set"] for row in members}) > 1:
-            shots = max(row["shots"] for row in members)
+        shot_counts = {row["shots"] for row in members}
+        if len(shot_counts) > 1:  # one shot count would be a column of dots: bars instead
+            curve = plot_metric_vs_shots(
+                members, metric, root / "figures" / f"{_safe(dataset)}_{metric}_vs_shots.png"
+            )
+            lines += [f"![{metric} vs shots, {dataset}]({_relative(curve, root)})", ""]
+        if len(shot_counts) == 1 or len({row["eval_set"] for row in members}) > 1:
+            shots = max(shot_counts)
             bars = plot_center_bars(
                 members, metric, shots, root / "figures" / f"{_safe(dataset)}_centers.png"
             )
-            lines += [f"![{metric} per center, {dataset}]({_relative(bars, root)})", ""]
+            lines += [f"![{metric} per eval set, {dataset}]({_relative(bars, root)})", ""]
     return lines
 
 
@@ -77,8 +79,10 @@ def _run_figures(records: list[dict[str, Any]], root: Path) -> list[str]:
     lines = [
         "## Example runs",
         "",
-        "In-domain test confusion matrix and reliability diagram of the first seed at the largest "
-        "shot count; every run folder holds its own `confusion_matrix.png` and `reliability.png`.",
+        "Confusion matrices of every eval set (in-domain test, each target center, the"
+        " cross-dataset target) and the in-domain reliability diagram of the first seed at the"
+        " largest shot count; every run folder holds its own `confusion_matrix*.png` and"
+        " `reliability.png`.",
         "",
     ]
     for (dataset, trainer, recipe), (_, paths, cfg) in sorted(examples.items()):

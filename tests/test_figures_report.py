@@ -106,3 +106,49 @@ def test_report_embeds_tables_figures_failures_and_comparison(tmp_path: Path):
     before = figure.stat().st_mtime_ns
     write_report(root)  # run figures newer than their results.json are kept
     assert figure.stat().st_mtime_ns == before
+
+
+def test_every_eval_set_gets_a_confusion_matrix_in_its_own_classes(tmp_path: Path, monkeypatch):
+    """Target centers and the cross-dataset target (labelled in the target's classes) get
+    confusion_matrix_<eval set>.png beside the in-domain one, and the report embeds them."""
+    import fewclip.figures
+
+    drawn = {}
+    plot = fewclip.figures.plot_confusion_matrix
+
+    def recording(matrix, class_names, path, title=""):
+        drawn[Path(path).name] = list(class_names)
+        return plot(matrix, class_names, path, title)
+
+    monkeypatch.setattr(fewclip.figures, "plot_confusion_matrix", recording)
+    run_dir = write_run(tmp_path, "LoRA", 1, 1, 0.5)
+    results = json.loads((run_dir / "results.json").read_text())
+    results["metrics"]["targets"]["center_b"]["confusion_matrix"] = [
+        [1, 0, 0],
+        [0, 1, 0],
+        [0, 0, 1],
+    ]
+    cross = {"dataset": "Bethesda", "class_names": ["NILM", "SIL"], "balanced_accuracy": 0.5}
+    results["metrics"]["cross_dataset"] = {**cross, "confusion_matrix": [[3, 1], [2, 2]]}
+    (run_dir / "results.json").write_text(json.dumps(results))
+    report, _ = write_report(tmp_path)
+    assert drawn == {
+        "confusion_matrix.png": CLASSES,
+        "confusion_matrix_target_center_b.png": CLASSES,
+        "confusion_matrix_cross_Bethesda.png": ["NILM", "SIL"],
+    }
+    text = report.read_text()
+    for name in drawn:
+        assert_png(run_dir / name)
+        assert f"shots_1/seed_1/{name})" in text
+
+
+def test_one_shot_count_is_drawn_as_bars_not_a_column_of_dots(tmp_path: Path):
+    for trainer, accuracy in (("LoRA", 0.6), ("Probe", 0.4)):
+        for seed in (1, 2):
+            write_run(tmp_path, trainer, 4, seed, accuracy + 0.01 * seed)
+    report, _ = write_report(tmp_path)
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
+    assert "figures/Data_centers.png" in images
+    assert not any("vs_shots" in image for image in images)
+    assert not (tmp_path / "figures" / "Data_balanced_accuracy_vs_shots.png").exists()
