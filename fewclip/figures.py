@@ -154,6 +154,29 @@ def plot_reliability(reliability: dict[str, list], path: str | Path, title: str 
     return _save(figure, path)
 
 
+def plot_attention(image: np.ndarray, attention: np.ndarray, title: str, path: str | Path) -> Path:
+    """A readable attention figure: the image (H, W, 3 uint8) beside it with the map (rows,
+    columns) upsampled bilinearly over it, a colour bar, and `title` (class and prediction)."""
+    from PIL import Image
+
+    height, width = image.shape[:2]
+    grid = Image.fromarray(np.asarray(attention, dtype=np.float32), mode="F")
+    heat = np.asarray(grid.resize((width, height), Image.Resampling.BILINEAR))
+    figure = Figure(figsize=(7.0, 3.9))
+    left, right = figure.subplots(1, 2)
+    left.imshow(image, interpolation="nearest")
+    left.set_title("image", fontsize="medium")
+    right.imshow(image, interpolation="nearest")
+    overlay = right.imshow(heat, cmap="jet", alpha=0.5, interpolation="nearest")
+    right.set_title("text-to-vision attention", fontsize="medium")
+    for ax in (left, right):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    figure.colorbar(overlay, ax=right, fraction=0.046, label="attention weight")
+    figure.suptitle(title, fontsize="medium")
+    return _save(figure, path)
+
+
 def confusion_figure_name(eval_set: str) -> str:
     """confusion_matrix.png for the in-domain test, confusion_matrix_<eval set>.png otherwise."""
     if eval_set == "in-domain":

@@ -73,7 +73,7 @@ def _run_figures(records: list[dict[str, Any]], root: Path) -> list[str]:
         method = (dataset, cfg["TRAINER"]["NAME"], cfg["RECIPE"])
         rank = (-cfg["DATASET"]["NUM_SHOTS"], cfg["SEED"])
         if method not in examples or rank < examples[method][0]:
-            examples[method] = (rank, paths, cfg)
+            examples[method] = (rank, paths, record)
     if not examples:
         return []
     lines = [
@@ -85,10 +85,17 @@ def _run_figures(records: list[dict[str, Any]], root: Path) -> list[str]:
         " `reliability.png`.",
         "",
     ]
-    for (dataset, trainer, recipe), (_, paths, cfg) in sorted(examples.items()):
+    for (dataset, trainer, recipe), (_, paths, record) in sorted(examples.items()):
+        cfg = record["config"]
         shots, seed = cfg["DATASET"]["NUM_SHOTS"], cfg["SEED"]
         lines += [f"**{dataset} · {trainer}/{recipe} · {shots} shots · seed {seed}**", ""]
         lines += [" ".join(f"![{p.stem}]({_relative(p, root)})" for p in paths), ""]
+        run_dir = paths[0].parent
+        names = (record.get("training") or {}).get("attention_maps") or []
+        attention = [run_dir / name for name in names if (run_dir / name).is_file()]
+        if attention:
+            lines += ["Attention maps (true class, prediction):", ""]
+            lines += [" ".join(f"![{p.stem}]({_relative(p, root)})" for p in attention), ""]
     return lines
 
 

@@ -29,7 +29,7 @@ from fewclip.run import execute_run, load_clip
 from fewclip.trainer import ImageSet, build_param_groups
 from fewclip_trainers.camvla import (
     CaMVLA,
-    render_attention_overlay,
+    attention_title,
     save_attention_maps,
     select_attention_images,
 )
@@ -290,15 +290,16 @@ def test_attention_maps_cover_the_patch_grid_and_are_written_as_png(tmp_path, re
         ["002", "z"],
     ]
     assert all(path.is_file() for path in written) and trainer.network.training
-    assert np.asarray(Image.open(written[0])).shape == (64, 128, 3)
+    assert all("_pred-" in path.name for path in written)
+    height, width = np.asarray(Image.open(written[0])).shape[:2]
+    assert width >= 600 and height >= 300  # readable, not the 64 px input
 
 
-def test_overlay_keeps_the_image_and_colours_the_map():
-    image = np.full((4, 4, 3), 100, dtype=np.uint8)
-    attention = np.array([[0.0, 0.0], [0.0, 1.0]])
-    overlay = render_attention_overlay(image, attention)
-    assert overlay.shape == (4, 8, 3) and np.all(overlay[:, :4] == 100)
-    assert not np.array_equal(overlay[0, 4], overlay[3, 7])  # low and high attention differ
+def test_attention_title_names_the_true_class_and_the_prediction():
+    assert attention_title("/d/hsil/cell_7.png", "hsil", "lsil", 0.625) == (
+        "cell_7.png · true: hsil · predicted: lsil (p = 0.62)"
+    )
+    assert attention_title("x.png", None, "normal", 0.9) == "x.png · predicted: normal (p = 0.90)"
 
 
 def test_select_attention_images():

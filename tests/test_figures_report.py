@@ -130,6 +130,9 @@ def test_every_eval_set_gets_a_confusion_matrix_in_its_own_classes(tmp_path: Pat
     ]
     cross = {"dataset": "Bethesda", "class_names": ["NILM", "SIL"], "balanced_accuracy": 0.5}
     results["metrics"]["cross_dataset"] = {**cross, "confusion_matrix": [[3, 1], [2, 2]]}
+    results["training"] = {"attention_maps": ["attention_maps/000_x_pred-hsil.png"]}
+    (run_dir / "attention_maps").mkdir()
+    plot_confusion_matrix([[1]], ["x"], run_dir / "attention_maps" / "000_x_pred-hsil.png")
     (run_dir / "results.json").write_text(json.dumps(results))
     report, _ = write_report(tmp_path)
     assert drawn == {
@@ -141,6 +144,8 @@ def test_every_eval_set_gets_a_confusion_matrix_in_its_own_classes(tmp_path: Pat
     for name in drawn:
         assert_png(run_dir / name)
         assert f"shots_1/seed_1/{name})" in text
+    assert "Attention maps (true class, prediction)" in text
+    assert "shots_1/seed_1/attention_maps/000_x_pred-hsil.png)" in text
 
 
 def test_one_shot_count_is_drawn_as_bars_not_a_column_of_dots(tmp_path: Path):

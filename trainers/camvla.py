@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from yacs.config import CfgNode
 
 from fewclip.contrastive import (
@@ -226,8 +225,9 @@ class CaMVLA(TrainerBase):
             return []
         paths = [test_set.items[i].path if test_set.items else f"test_{i}" for i in indices]
         run_dir = Path(run_dir)
+        labels = [int(test_set.labels[i]) for i in indices]
         written = save_attention_maps(
-            self, test_set.images[indices], paths, run_dir / "attention_maps"
+            self, test_set.images[indices], paths, run_dir / "attention_maps", labels
         )
         self.report["attention_maps"] = [str(path.relative_to(run_dir)) for path in written]
         return written
@@ -259,34 +259,35 @@ def select_attention_images(
     return sorted(set(np.linspace(0, size - 1, min(count, size)).round().astype(int).tolist()))
 
 
-def render_attention_overlay(image: np.ndarray, attention: np.ndarray) -> np.ndarray:
-    """uint8 image (H, W, 3) and a map (rows, columns) -> (H, 2W, 3): the image beside the map,
-    rescaled to [0, 1], upsampled bilinearly, coloured (jet) and blended half over the image."""
-    from matplotlib import colormaps
-
-    height, width = image.shape[:2]
-    grid = torch.as_tensor(attention, dtype=torch.float32)[None, None]
-    upsampled = F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
-    heat = upsampled[0, 0].numpy()
-    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-8)
-    colour = colormaps["jet"](heat)[..., :3] * 255.0
-    blended = (0.5 * image.astype(np.float32) + 0.5 * colour).round().astype(np.uint8)
-    return np.concatenate([image, blended], axis=1)
+def attention_title(path: str, true: str | None, predicted: str, probability: float) -> str:
+    """ "<image name> · true: hsil · predicted: lsil (p = 0.62)"; no true class when unknown."""
+    parts = [Path(path).name]
+    if true is not None:
+        parts.append(f"true: {true}")
+    parts.append(f"predicted: {predicted} (p = {probability:.2f})")
+    return " · ".join(parts)
 
 
 def save_attention_maps(
-    trainer: CaMVLA, images: np.ndarray, paths: Sequence[str], out_dir: str | Path
+    trainer: CaMVLA,
+    images: np.ndarray,
+    paths: Sequence[str],
+    out_dir: str | Path,
+    labels: Sequence[int] | None = None,
 ) -> list[Path]:
     """Write one PNG per uint8 image (N, H, W, 3): the image and its text-to-vision map for the
-    predicted class, named `<index>_<image stem>_<class>.png`. Returns the files written."""
-    if len(images) != len(paths):
+    predicted class, titled with the true class (`labels`), the prediction and its probability;
+    named `<index>_<image stem>_pred-<class>.png`. Returns the files written."""
+    from fewclip.figures import plot_attention
+
+    if len(images) != len(paths) or (labels is not None and len(labels) != len(paths)):
         raise ValueError(f"save_attention_maps: {len(images)} images but {len(paths)} paths")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     was_training = trainer.network.training
     trainer.network.eval()
     images = np.asarray(images)
-    maps, classes = [], []
+    maps, classes, confidences = [], [], []
     batch_size = trainer.cfg.EVAL.BATCH_SIZE
     try:
         with torch.inference_mode(), autocast_context(trainer.device, trainer.cfg.PRECISION):
@@ -294,13 +295,17 @@ def save_attention_maps(
             for start in range(0, len(images), batch_size):
                 batch = trainer.input_tensor(images[start : start + batch_size])
                 batch_maps, batch_classes = trainer.compute_attention_maps(batch)
+                probabilities = trainer.compute_logits(batch).float().softmax(dim=-1)
                 maps.extend(batch_maps.cpu().numpy())
                 classes.extend(batch_classes.tolist())
+                confidences.extend(probabilities.gather(1, batch_classes[:, None])[:, 0].tolist())
     finally:
         trainer.network.train(was_training)
     written = []
+    names = trainer.class_names
     for index, (image, attention, label, path) in enumerate(zip(images, maps, classes, paths)):
-        name = f"{index:03d}_{Path(path).stem}_{trainer.class_names[label]}.png"
-        Image.fromarray(render_attention_overlay(image, attention)).save(out_dir / name)
-        written.append(out_dir / name)
+        true = None if labels is None else names[int(labels[index])]
+        title = attention_title(path, true, names[label], confidences[index])
+        name = f"{index:03d}_{Path(path).stem}_pred-{names[label]}.png"
+        written.append(plot_attention(image, attention, title, out_dir / name))
     return written
