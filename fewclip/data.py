@@ -15,6 +15,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,6 +249,22 @@ def load_image(path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ImageError(f"cannot read image {path}: {reason}") from None
+
+
+def find_unreadable(paths: Sequence[str]) -> list[str]:
+    """The `ImageError` message of every file among `paths` that does not decode (fully, as a
+    run would), in path order; decoded in threads (PIL releases the GIL)."""
+
+    def problem(path: str) -> str | None:
+        try:
+            load_image(path)
+        except ImageError as error:
+            return str(error)
+        return None
+
+    threads = min(8, os.cpu_count() or 1, max(1, len(paths)))
+    with ThreadPoolExecutor(threads) as pool:
+        return [message for message in pool.map(problem, paths) if message is not None]
 
 
 def resolve_prompt_path(name: str) -> Path:

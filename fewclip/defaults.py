@@ -60,6 +60,9 @@ def get_cfg_defaults() -> CfgNode:
     cfg.DATASET.CLASS_NAMES = []  # class folder names in label order (generic datasets)
     cfg.DATASET.CENTERS = []  # center folder names (generic datasets); empty = discover
     cfg.DATASET.SKIP_UNREADABLE = False  # skip (and count) unreadable images instead of failing
+    # decode every image of the pool once before a sweep's first cell, so a corrupt file is found
+    # before any training, not when a seed draws it as a shot (False: skip the check on a huge set)
+    cfg.DATASET.CHECK_IMAGES = True
     cfg.DATASET.SPLIT_DIR = ""  # where split files go; "" = <OUTPUT_DIR>/splits
     cfg.DATASET.TRAIN_FRACTION = 0.0  # label efficiency: share of each class's training pool
     # (seeded by SPLIT_SEED, nested across fractions) used instead of NUM_SHOTS; 0 = off

@@ -1,10 +1,13 @@
 """Checks a sweep runs once, after expanding its cells and before the first one: run folders
 that two cells would share, and each distinct dataset (and cross-dataset target) parsed once, so
-a bad ROOT or label map is one error naming the YAML, not one per cell."""
+a bad ROOT or label map is one error naming the YAML, not one per cell; every image of each pool
+decoded once (DATASET.CHECK_IMAGES), so a corrupt file is found before any training."""
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,8 @@ from typing import Any
 from yacs.config import CfgNode
 
 from fewclip.config import ConfigError
+
+LOGGER = logging.getLogger(__name__)
 
 
 def check_run_folders(cells: Sequence[Any], configs: Sequence[CfgNode]) -> None:
@@ -45,6 +50,7 @@ def check_datasets(cells: Sequence[Any], configs: Sequence[CfgNode]) -> None:
     from fewclip.run import load_cross_dataset
 
     checked: set[str] = set()
+    seen: set[str] = set()  # image files already decoded by this check
     for cell, cfg in zip(cells, configs):
         data = {k: v for k, v in config_to_dict(cfg.DATASET).items() if k not in _SPLIT_ONLY_KEYS}
         cross = [cfg.EVAL.CROSS_DATASET, cfg.EVAL.LABEL_MAP, list(cfg.EVAL.CROSS_DATASET_OPTS)]
@@ -55,7 +61,39 @@ def check_datasets(cells: Sequence[Any], configs: Sequence[CfgNode]) -> None:
         where = cell.dataset_config or cfg.DATASET.NAME
         try:
             dataset = DATASETS.get(cfg.DATASET.NAME)(cfg)
-            load_cross_dataset(cfg, dataset)
+            cross = load_cross_dataset(cfg, dataset)
         except Exception as error:  # the one message for every cell of this dataset
             message = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise ConfigError(f"dataset {where}: {message}") from None
+        if cfg.DATASET.CHECK_IMAGES:
+            items = [*dataset.items, *(cross["items"] if cross else [])]
+            check_images([item.path for item in items], where, cfg.DATASET.SKIP_UNREADABLE, seen)
+
+
+def check_images(paths: Sequence[str], where: str, skip_unreadable: bool, seen: set[str]) -> None:
+    """Decode every file of a dataset's pool not decoded yet: an unreadable one is an error
+    naming it (and how many there are) before the first cell, or, with SKIP_UNREADABLE, one
+    warning per file (the runs leave them out and count them)."""
+    from fewclip.data import find_unreadable
+
+    todo = sorted(set(paths) - seen)
+    started = time.perf_counter()
+    problems = find_unreadable(todo)
+    seen.update(todo)
+    LOGGER.info(
+        "dataset %s: decoded %d images in %.1f s, %d unreadable (DATASET.CHECK_IMAGES)",
+        where,
+        len(todo),
+        time.perf_counter() - started,
+        len(problems),
+    )
+    if problems and not skip_unreadable:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(
+            f"dataset {where}: {problems[0]}{more}; remove or replace the file(s), or set "
+            "DATASET.SKIP_UNREADABLE True to leave them out (each is warned and counted)"
+        )
+    for problem in problems:
+        LOGGER.warning(
+            "dataset %s: %s: it will be left out (DATASET.SKIP_UNREADABLE)", where, problem
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fewclip.config import build_config
+from fewclip.config import ConfigError, build_config
 from fewclip.data import Item
 from fewclip.report import write_report
 from fewclip.sweep import build_sweep, run_cells
@@ -168,6 +168,38 @@ def test_skipped_unreadable_images_are_warned_and_counted(fast_opts, image_tree,
     assert skipped["count"] == 1 and skipped["files"] == [str(broken)]
     assert sum(skipped["by_set"].values()) == 1
     assert f"skipping unreadable image {broken}" in caplog.text
+
+
+def test_a_corrupt_image_anywhere_in_the_pool_stops_the_sweep_before_the_first_cell(
+    fast_opts, image_tree, tmp_path, caplog
+):
+    """At 1 shot the broken file would not be drawn by every seed; the sweep still names it
+    before any cell runs. SKIP_UNREADABLE warns per file and runs; CHECK_IMAGES False skips the
+    check (the cells then meet the file only if they draw it)."""
+    import logging
+
+    root = image_tree({"low": 6, "high": 6}, tmp_path / "data")
+    broken = root / "high" / "img_004.png"
+    broken.write_bytes(b"\xff\xd8 truncated")
+    dataset_yaml = tmp_path / "clinic.yaml"
+    dataset_yaml.write_text(f"DATASET:\n  NAME: ImageFolder\n  ROOT: {root}\n")
+    opts = [*folder_opts(fast_opts), "DATASET.NUM_SHOTS", "1", "OUTPUT_DIR", str(tmp_path / "o")]
+    with pytest.raises(ConfigError, match=f"dataset {dataset_yaml}: cannot read image {broken}"):
+        build_sweep(None, [str(dataset_yaml)], [ZEROSHOT], [1], [1, 2], opts)
+    assert not (tmp_path / "o").exists()
+    with caplog.at_level(logging.WARNING, logger="fewclip.preflight"):
+        build_sweep(
+            None,
+            [str(dataset_yaml)],
+            [ZEROSHOT],
+            [1],
+            [1],
+            [*opts, "DATASET.SKIP_UNREADABLE", "True"],
+        )
+    assert f"cannot read image {broken}" in caplog.text and "left out" in caplog.text
+    build_sweep(
+        None, [str(dataset_yaml)], [ZEROSHOT], [1], [1], [*opts, "DATASET.CHECK_IMAGES", "False"]
+    )
 
 
 def test_run_lock_is_removed_and_the_cache_is_not_in_the_working_directory(
