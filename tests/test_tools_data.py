@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 def load_tool(name: str):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", TOOLS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -126,9 +128,10 @@ def test_unreadable_image_errors_or_is_skipped_and_counted(tmp_path, caplog):
     assert "truncated.png" in caplog.text
 
 
-def test_model_table_lists_scores_and_the_reason_a_method_does_not_apply(tmp_path):
-    """tools/model_table.py: trainer rows x MODEL.NAME columns, mean over seeds, failed cells
-    with their one-line reason; the README block is replaced in place, a missing block named."""
+def test_readme_tables_render_check_and_replace_their_blocks(tmp_path):
+    """tools/readme_tables.py: the model table (trainer rows x MODEL.NAME columns, mean over
+    seeds, a failed cell's one-line reason); --check accepts numbers within the tolerance and
+    names a cell beyond it; a missing block is named."""
     import json
 
     def write(folder: str, trainer: str, model: str, seed: int, result: dict) -> None:
@@ -139,22 +142,27 @@ def test_model_table_lists_scores_and_the_reason_a_method_does_not_apply(tmp_pat
         path.write_text(json.dumps({"config": config, **result}))
 
     score = {"status": "complete", "metrics": {"test": {"balanced_accuracy": 0.5}}}
-    write("a1", "LinearProbe", "tiny-vit", 1, score)
+    write("a1", "LinearProbe", "twin:resnet", 1, score)
     score = {"status": "complete", "metrics": {"test": {"balanced_accuracy": 0.7}}}
-    write("a2", "LinearProbe", "tiny-vit", 2, score)
+    write("a2", "LinearProbe", "twin:resnet", 2, score)
     write("b", "SAVLT", "twin:resnet", 1, {"status": "failed", "error": "ValueError: x: no patch"})
-    tool = load_tool("model_table")
-    table = tool.model_table(tmp_path / "sweep")
+    write("c", "SAVLT", "tiny-vit", 1, score)
+    tool = load_tool("readme_tables")
+    table = tool.model_table(tmp_path / "sweep", ["r"])
     assert table.splitlines() == [
         "| trainer (recipe) | `tiny-vit` | `twin:resnet` |",
         "|---|---|---|",
-        "| `LinearProbe` (`r`) | 60.0 |  |",
-        "| `SAVLT` (`r`) |  | no: no patch |",
+        "| `LinearProbe` (`r`) | - | 60.0 |",
+        "| `SAVLT` (`r`) | 70.0 | no: no patch |",
     ]
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{tool.BEGIN}\nold\n{tool.END}\nrest\n")
-    assert tool.main([str(tmp_path / "sweep"), "--readme", str(readme)]) == 0
-    assert readme.read_text() == f"intro\n{tool.BEGIN}\n{table}{tool.END}\nrest\n"
-    readme.write_text("no block\n")
-    with pytest.raises(SystemExit, match="README.md has no <!-- model-table -->"):
-        tool.main([str(tmp_path / "sweep"), "--readme", str(readme)])
+    assert tool.compare_tables(table, table.replace("60.0", "60.4"), 0.5) == []
+    (problem,) = tool.compare_tables(table, table.replace("60.0", "61.0"), 0.5)
+    assert "row `LinearProbe` (`r`), column `twin:resnet`: README '60.0', now '61.0'" in problem
+    assert tool.compare_tables(table, table.replace("no patch", "no tokens"), 5.0) != []
+    seconds = "| a | seconds per cell |\n|---|---|\n| x | 1.0 |\n"
+    assert tool.compare_tables(seconds, seconds.replace("1.0", "9.0"), 0.0) == []
+    text = "intro\n<!-- table:models -->\nold\n<!-- /table:models -->\nrest\n"
+    replaced = tool.replace_block(text, "models", table, "README.md")
+    assert replaced == f"intro\n<!-- table:models -->\n{table}<!-- /table:models -->\nrest\n"
+    with pytest.raises(SystemExit, match="README.md has no <!-- table:demo --> block"):
+        tool.replace_block(text, "demo", table, "README.md")
