@@ -103,6 +103,11 @@ def run(argv: list[str] | None = None) -> int:
     """The command line on `argv` (default: sys.argv[1:]); returns the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for flag, folder in (("--aggregate", args.aggregate), ("--report", args.report)):
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(f"{flag} {folder}: no such folder (give a sweep's output folder)")
+        if folder and not any(Path(folder).rglob("results.json")):
+            raise ConfigError(f"{flag} {folder}: no results.json under it: nothing has run there")
     if args.aggregate:  # reads results.json files only: no plugins, no torch
         print(write_summary(args.aggregate)["terminal"])
         return 0

@@ -50,6 +50,28 @@ CHOICES = {
     "LORA.TARGETS": ("q", "k", "v", "out", "mlp"),  # a list: each item is one of these
     "TRAINER.LINEARPROBE.CLASS_WEIGHT": ("none", "balanced"),
 }
+# Numeric keys and the interval their value must lie in: (low, low inclusive, high, high
+# inclusive); checked at config time, before any data or model is loaded.
+RANGES = {
+    "OPTIM.LR": (0.0, False, None, False),
+    "OPTIM.BATCH_SIZE": (1, True, None, False),
+    "OPTIM.WEIGHT_DECAY": (0.0, True, None, False),
+    "OPTIM.MIN_LR": (0.0, True, None, False),
+    "OPTIM.WARMUP_ITERS": (0, True, None, False),
+    "OPTIM.WARMUP_FRACTION": (0.0, True, 1.0, False),
+    "OPTIM.WARMUP_CONSTANT_LR": (0.0, True, None, False),
+    "OPTIM.ITERS_PER_SHOT": (0, True, None, False),
+    "OPTIM.MAX_ITERS": (0, True, None, False),
+    "OPTIM.GRAD_CLIP": (0.0, True, None, False),
+    "EVAL.BATCH_SIZE": (1, True, None, False),
+    "EVAL.ECE_BINS": (1, True, None, False),
+    "DATASET.NUM_SHOTS": (0, True, None, False),
+    "DATASET.VAL_SHOTS": (0, True, None, False),
+    "DATASET.TRAIN_FRACTION": (0.0, True, 1.0, True),
+    "LORA.RANK": (1, True, None, False),
+    "LORA.DROPOUT": (0.0, True, 1.0, False),
+    "PERF.THREADS": (0, True, None, False),
+}
 
 
 # Datasets whose class says nothing about the data: their display name defaults to the YAML's stem.
@@ -308,10 +330,30 @@ def build_config(
             "TRAINER.NAME and DATASET.NAME must be set at top level of a file or in opts"
         )
     check_samplers(cfg)
+    check_ranges(cfg)
     cfg.DATASET.DISPLAY_NAME = resolve_display_name(cfg, dataset_config)
     if freeze:
         cfg.freeze()
     return cfg
+
+
+def check_ranges(cfg: CfgNode) -> None:
+    """Every RANGES key inside its interval; the error names the key, the value and the bounds."""
+    for key, (low, low_in, high, high_in) in RANGES.items():
+        node = cfg
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, CfgNode) else None
+        if node is None:
+            continue
+        too_low = low is not None and (node < low if low_in else node <= low)
+        too_high = high is not None and (node > high if high_in else node >= high)
+        if too_low or too_high:
+            bounds = []
+            if low is not None:
+                bounds.append(f"{'>=' if low_in else '>'} {low}")
+            if high is not None:
+                bounds.append(f"{'<=' if high_in else '<'} {high}")
+            raise ConfigError(f"{key} {node!r} must be {' and '.join(bounds)}")
 
 
 def check_samplers(cfg: CfgNode) -> None:

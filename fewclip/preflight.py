@@ -97,3 +97,53 @@ def check_images(paths: Sequence[str], where: str, skip_unreadable: bool, seen: 
         LOGGER.warning(
             "dataset %s: %s: it will be left out (DATASET.SKIP_UNREADABLE)", where, problem
         )
+
+
+def check_output_root(root: Path) -> None:
+    """The sweep's output folder can be created and written (checked on its nearest existing
+    folder, so a dry run creates nothing): one line before any work, not an OSError mid-sweep."""
+    import os
+
+    existing = Path(root).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output folder {root}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output folder {root} is not writable ({existing} is read-only): set OUTPUT_DIR to a"
+            " folder you can write"
+        )
+
+
+def check_previous_results(configs: Sequence[CfgNode]) -> None:
+    """A cell whose run folder holds complete results of a different config is an error naming
+    the folder and the keys that differ, before any cell runs (the run would refuse it anyway)."""
+    from fewclip.config import compute_config_hash, config_to_dict
+    from fewclip.results import COMPLETE, read_results
+    from fewclip.run import resolve_run_dir
+
+    for cfg in configs:
+        run_dir = resolve_run_dir(cfg)
+        previous = read_results(run_dir)
+        if not previous or previous.get("status") != COMPLETE:
+            continue
+        if previous.get("config_hash") == compute_config_hash(cfg):
+            continue
+        differing = _differing_keys(previous.get("config") or {}, config_to_dict(cfg))
+        keys = ", ".join(differing[:4]) + (" ..." if len(differing) > 4 else "")
+        raise ConfigError(
+            f"{run_dir} holds complete results of a different config ({keys or 'same keys'}):"
+            " set another OUTPUT_DIR, or RECIPE to name this variant, or delete that folder"
+        )
+
+
+def _differing_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _differing_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys

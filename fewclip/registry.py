@@ -110,7 +110,10 @@ def load_plugins(paths: Iterable[str]) -> None:
     for raw in paths:
         path = Path(raw).expanduser().resolve()
         if not path.exists():
-            raise FileNotFoundError(f"plugin path {raw!r} does not exist")
+            raise RegistryError(
+                f"PLUGINS: {raw!r} does not exist (give a Python file, or a folder of them, that"
+                " registers datasets, trainers or samplers)"
+            )
         files = sorted(path.glob("*.py")) if path.is_dir() else [path]
         for file in files:
             module_name = "fewclip_plugin_" + "_".join(file.with_suffix("").parts[-3:])

@@ -29,7 +29,12 @@ from tqdm import tqdm
 from yacs.config import CfgNode
 
 from fewclip.config import ConfigError, build_config
-from fewclip.preflight import check_datasets, check_run_folders
+from fewclip.preflight import (
+    check_datasets,
+    check_output_root,
+    check_previous_results,
+    check_run_folders,
+)
 from fewclip.registry import loaded_plugins, restore_plugins
 from fewclip.threads import (
     available_cpus,
@@ -65,7 +70,13 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"YAML syntax error in sweep file {path}{where}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"sweep file {path} must hold a mapping of keys")
     unknown = sorted(set(data) - SWEEP_KEYS)
@@ -75,6 +86,25 @@ def load_sweep_file(path: str | Path) -> dict[str, Any]:
         )
     if not isinstance(data.get("grid", {}), dict):
         raise ConfigError(f"grid in sweep file {path} must map config keys to lists of values")
+    for key in ("datasets", "recipes", "opts"):
+        if key in data and not isinstance(data[key], list):
+            raise ConfigError(f"{key} in sweep file {path} must be a list, like [a, b]")
+    for key in ("shots", "seeds"):
+        values = data.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"{key} in sweep file {path} must be a non-empty list of integers, like"
+                f" {'[1, 4, 16]' if key == 'shots' else '[1, 2, 3]'} (got {values!r}); leave the"
+                " key out for the config's own value"
+            )
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+        if bad or (key == "shots" and 0 in values):
+            raise ConfigError(
+                f"{key} in sweep file {path}: {bad or [0]} are not"
+                f" {'positive' if key == 'shots' else 'non-negative'} integers"
+            )
     base = path.parent
     for key in ("datasets", "recipes"):
         data[key] = [str(_resolve(base, item)) for item in data.get(key, [])]
@@ -179,9 +209,11 @@ def build_sweep(
     if leave_one_center_out or spec.get("leave_one_center_out"):
         cells = expand_center_folds(cells)
     configs = [build_cell_config(cell) for cell in cells]
-    check_run_folders(cells, configs)
-    check_datasets(cells, configs)
     root = Path(configs[0].OUTPUT_DIR) if configs else Path("output")
+    check_run_folders(cells, configs)
+    check_output_root(root)
+    check_previous_results(configs)
+    check_datasets(cells, configs)
     return Sweep(cells, configs, root, dict(spec.get("slurm") or {}))
 
 

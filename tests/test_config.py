@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,78 @@ def test_non_positive_counts_on_the_command_line_are_errors(flags, capsys):
     with pytest.raises(SystemExit) as error:
         parse_args(flags)
     assert error.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "key, value, bounds",
+    [
+        ("OPTIM.LR", "-1.0", "> 0.0"),
+        ("OPTIM.BATCH_SIZE", "0", ">= 1"),
+        ("EVAL.BATCH_SIZE", "0", ">= 1"),
+        ("OPTIM.WARMUP_FRACTION", "1.0", ">= 0.0 and < 1.0"),
+        ("DATASET.TRAIN_FRACTION", "1.5", ">= 0.0 and <= 1.0"),
+        ("LORA.DROPOUT", "-0.1", ">= 0.0 and < 1.0"),
+    ],
+)
+def test_numeric_keys_out_of_range_are_config_errors(key, value, bounds):
+    repo = Path(__file__).resolve().parent.parent
+    recipe = str(repo / "configs" / "trainers" / "clip_lora.yaml")
+    dataset = str(repo / "configs" / "datasets" / "synthetic.yaml")
+    with pytest.raises(ConfigError, match=f"^{key} .* must be {bounds}$"):
+        build_config(recipe, dataset, [key, value])
+
+
+SWEEP_HEAD = "datasets: [../configs/datasets/synthetic.yaml]\n"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("seeds: []\n", "seeds in sweep file .* must be a non-empty list of integers"),
+        ("shots: []\n", "shots in sweep file .* must be a non-empty list"),
+        ("shots: 4\n", r"shots .* \(got 4\)"),
+        ("shots: [4, 0]\n", r"shots .*: \[0\] are not positive integers"),
+        ("seeds: [1, x]\n", r"seeds .*: \['x'\] are not non-negative integers"),
+        ("recipes: zeroshot.yaml\n", "recipes in sweep file .* must be a list"),
+        ("recipes: [a\nshots: [1]\n", "YAML syntax error in sweep file .* line 3"),
+    ],
+)
+def test_bad_sweep_files_are_one_line_naming_the_key(tmp_path, body, message):
+    from fewclip.sweep import load_sweep_file
+
+    sweep = write(tmp_path / "sweep.yaml", SWEEP_HEAD + body)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_sweep_file(sweep)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_folders_plugins_and_reruns_are_one_line_before_any_work(tmp_path, capsys, fast_opts):
+    """--aggregate / --report on a missing or empty folder, a missing plugin file, an output path
+    under a file, and a rerun of complete cells with another config: exit 2, one line, and no
+    cell starts (the rerun's results stay as they were)."""
+    from fewclip.cli import main
+
+    repo = Path(__file__).resolve().parent.parent
+    zeroshot = str(repo / "configs" / "trainers" / "zeroshot.yaml")
+    dataset = str(repo / "configs" / "datasets" / "synthetic.yaml")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("")
+    run = ["--recipe", zeroshot, "--dataset-config", dataset, "--shots", "1", *fast_opts]
+    cases = [
+        (["--aggregate", str(tmp_path / "nowhere")], "--aggregate .*nowhere: no such folder"),
+        (["--report", str(tmp_path / "empty")], "no results.json under it"),
+        ([*run, "PLUGINS", "[/nowhere/plug.py]"], "PLUGINS: '/nowhere/plug.py' does not exist"),
+        ([*run, "OUTPUT_DIR", str(tmp_path / "a_file" / "out")], "a_file is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and re.search(message, error), error
+    assert main(run) == 0
+    results = next((Path(fast_opts[fast_opts.index("OUTPUT_DIR") + 1])).rglob("results.json"))
+    before = results.read_bytes()
+    capsys.readouterr()
+    assert main([*run, "EVAL.ECE_BINS", "10"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "holds complete results of a different config (EVAL.ECE_BINS)" in error
+    assert error.count("\n") == 0 and results.read_bytes() == before

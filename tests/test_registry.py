@@ -44,5 +44,5 @@ def test_plugin_file_outside_repo_registers_a_dataset(tmp_path):
     )
     load_plugins([str(plugin)])
     assert "MyHospitalData" in DATASETS
-    with pytest.raises(FileNotFoundError, match="nowhere.py"):
+    with pytest.raises(RegistryError, match="PLUGINS: '.*nowhere.py' does not exist"):
         load_plugins([str(tmp_path / "nowhere.py")])
