@@ -21,6 +21,9 @@ from fewclip.twins import write_hf_clip_twin, write_resnet_twin, write_timm_hf_t
 
 load_installed_plugins()  # the built-in datasets and trainers, as the fewclip command does
 
+# seconds: turns a hang into a failure and never paces a test (wait on files, events, exits)
+HANG_GUARD = 3600
+
 
 def write_image(path: Path, seed: int = 0, size: int = 8) -> Path:
     """A small random RGB PNG (distinct pixels per seed, so files differ)."""

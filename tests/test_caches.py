@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import HANG_GUARD
 from PIL import Image
 from torchvision import transforms
 from yacs.config import CfgNode
@@ -210,8 +211,8 @@ def _fill_worker(items: list[Item], cache: Path, queue) -> None:
 
 def _read_worker(items: list[Item], cache: Path, expected: np.ndarray, queue) -> None:
     """Poll the store while others fill it: every row marked filled must be whole and right."""
-    store, checked, deadline = ImageStore(items, 8, cache), 0, time.time() + 20
-    while time.time() < deadline:
+    store, checked, deadline = ImageStore(items, 8, cache), 0, time.monotonic() + HANG_GUARD
+    while time.monotonic() < deadline:  # until every row is filled (the guard only ends a hang)
         states = store.rows.states(np.arange(len(items)))
         filled = np.flatnonzero(states == 1)
         if len(filled):
@@ -232,7 +233,7 @@ def test_concurrent_workers_fill_one_store_once_and_readers_see_whole_rows(tmp_p
     for process in [reader, *workers]:
         process.start()
     for process in [reader, *workers]:
-        process.join(60)
+        process.join(HANG_GUARD)
         assert process.exitcode == 0
     assert sorted(queue.get(timeout=5) for _ in range(5))[-1] >= 1  # the reader checked rows
     np.testing.assert_array_equal(

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 
 from fewclip.config import build_config
 from fewclip.hooks import STATE_FILE
@@ -77,15 +78,16 @@ def test_kill_9_mid_training_then_rerun_completes(fast_opts, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", RUNNER, str(RECIPE), str(SYNTHETIC), *opts]
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (run_dir / STATE_FILE).exists() and time.time() < deadline:
-        time.sleep(0.1)  # the first training state is saved: we are inside training
+    while not (run_dir / STATE_FILE).exists() and process.poll() is None:
+        time.sleep(0.1)  # until the first training state is saved: we are inside training
     assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait()
     results = read_results(run_dir)
     assert results is None or results["status"] != "complete"  # never a partial "complete"
-    rerun = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(
+        command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD
+    )
     assert rerun.stdout.strip().splitlines()[-1] == "complete", rerun.stderr[-2000:]
     results = read_results(run_dir)
     assert results["status"] == "complete"

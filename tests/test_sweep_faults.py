@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import HANG_GUARD
 
 import fewclip.run as run_module
 from fewclip.config import build_config
@@ -23,7 +24,6 @@ from fewclip.run import execute_run, resolve_run_dir
 ROOT = Path(__file__).resolve().parent.parent
 ZEROSHOT = str(ROOT / "configs" / "trainers" / "zeroshot.yaml")
 SYNTHETIC = str(ROOT / "configs" / "datasets" / "synthetic.yaml")
-HANG_GUARD = 600  # seconds: only turns a hang into a failure, never paces a test
 # A zero-shot method whose cell writes `<OUTPUT_DIR>/pid_seed_<s>` and, while
 # `<OUTPUT_DIR>/block_seed_<s>` exists, waits for `<OUTPUT_DIR>/release` (a running cell).
 PLUGIN = """
