@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +68,19 @@ def compute_image_key(items: Sequence[Item], image_size: int) -> str:
     (`cp -p`, `rsync -t`), which size and mtime alone would miss.
     """
     digest = hashlib.sha1(f"{RESIZE_RECIPE}:{image_size}".encode())
+    _digest_files(digest, items)
+    return digest.hexdigest()[:20]
+
+
+def compute_files_key(items: Sequence[Item]) -> str:
+    """Hash of the files of `items` as they are on disk now (path, size, mtime, ctime, inode):
+    a run's results record it, so an image rewritten in place gives another key."""
+    digest = hashlib.sha1(b"files-v1")
+    _digest_files(digest, sorted(items, key=lambda item: item.path))
+    return digest.hexdigest()[:20]
+
+
+def _digest_files(digest: Any, items: Sequence[Item]) -> None:
     for item in items:
         try:
             stat = os.stat(item.path)
@@ -76,7 +90,6 @@ def compute_image_key(items: Sequence[Item], image_size: int) -> str:
             )
         except OSError:
             digest.update(f"{item.path}\0missing\n".encode())
-    return digest.hexdigest()[:20]
 
 
 def resize_center_crop(image: Image.Image, image_size: int) -> np.ndarray:

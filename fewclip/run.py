@@ -23,7 +23,12 @@ from fewclip.config import compute_config_hash, config_to_dict
 from fewclip.data import DatasetBase, Item
 from fewclip.distributed import broadcast_from_main, is_main_process
 from fewclip.evaluation import evaluate_set, summarise_targets, validation_score
-from fewclip.images import ImageStore, compute_store_items, decoding_seconds
+from fewclip.images import (
+    ImageStore,
+    compute_files_key,
+    compute_store_items,
+    decoding_seconds,
+)
 from fewclip.label_map import evaluate_with_label_map, load_label_map, select_target_items
 from fewclip.protocol import load_dataset
 from fewclip.registry import DATASETS, TRAINERS
@@ -356,6 +361,8 @@ def _run_locked(
             "split": {
                 "file": str(split.path),
                 "sha1": split.sha1,
+                # the split's image files as read (an image rewritten in place changes it)
+                "files_key": compute_files_key(used),
                 "num_train": len(train),
                 "num_val": len(val) if val is not None else 0,
             },

@@ -92,3 +92,32 @@ def test_kill_9_mid_training_then_rerun_completes(fast_opts, tmp_path):
     results = read_results(run_dir)
     assert results["status"] == "complete"
     assert results["training"]["resumed_from_step"] > 0  # continued from the saved state
+
+
+def test_an_image_rewritten_in_place_changes_the_recorded_files_key(
+    fast_opts, image_tree, tmp_path
+):
+    """The split file's hash cannot see image content; results.json records the split's files as
+    read (path, size, mtime, ctime, inode): a test image rewritten with its old mtime restored
+    (`cp -p`) gives another key, an unchanged tree the same one."""
+    import json
+
+    root = image_tree({"low": 6, "high": 6}, tmp_path / "data")
+    dataset = tmp_path / "clinic.yaml"
+    dataset.write_text(f"DATASET:\n  NAME: ImageFolder\n  ROOT: {root}\n")
+    pairs = zip(fast_opts[0::2], fast_opts[1::2])
+    opts = [part for key, value in pairs if "SYNTHETIC" not in key for part in (key, value)]
+    zeroshot = ROOT / "configs" / "trainers" / "zeroshot.yaml"
+
+    def run(output: str) -> dict:
+        cfg = build_config(zeroshot, dataset, [*opts, "OUTPUT_DIR", str(tmp_path / output)])
+        return execute_run(cfg)["split"]
+
+    first = run("a")
+    assert run("b")["files_key"] == first["files_key"]
+    test_image = root / json.loads(Path(first["file"]).read_text())["test"][0][0]
+    stat = test_image.stat()
+    test_image.write_bytes(test_image.read_bytes()[::-1][::-1])  # rewritten in place
+    os.utime(test_image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its old mtime restored
+    again = run("c")
+    assert again["sha1"] == first["sha1"] and again["files_key"] != first["files_key"]
