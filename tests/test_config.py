@@ -89,11 +89,14 @@ def test_list_values_keep_string_class_names(tmp_path):
     ],
 )
 def test_enumerated_keys_are_checked_at_config_time_with_their_choices(key, value, choices):
+    with pytest.raises(ConfigError, match=f"{key} .* is not one of {choices}$"):
+        clip_lora_config(key, value)
+
+
+def clip_lora_config(*opts: str):
     repo = Path(__file__).resolve().parent.parent
     recipe = str(repo / "configs" / "trainers" / "clip_lora.yaml")
-    dataset = str(repo / "configs" / "datasets" / "synthetic.yaml")
-    with pytest.raises(ConfigError, match=f"{key} .* is not one of {choices}$"):
-        build_config(recipe, dataset, [key, value])
+    return build_config(recipe, str(repo / "configs" / "datasets" / "synthetic.yaml"), list(opts))
 
 
 @pytest.mark.parametrize("flags", [["--jobs", "0"], ["--shots", "4", "0"], ["--jobs", "-2"]])
@@ -117,11 +120,8 @@ def test_non_positive_counts_on_the_command_line_are_errors(flags, capsys):
     ],
 )
 def test_numeric_keys_out_of_range_are_config_errors(key, value, bounds):
-    repo = Path(__file__).resolve().parent.parent
-    recipe = str(repo / "configs" / "trainers" / "clip_lora.yaml")
-    dataset = str(repo / "configs" / "datasets" / "synthetic.yaml")
     with pytest.raises(ConfigError, match=f"^{key} .* must be {bounds}$"):
-        build_config(recipe, dataset, [key, value])
+        clip_lora_config(key, value)
 
 
 SWEEP_HEAD = "datasets: [../configs/datasets/synthetic.yaml]\n"
