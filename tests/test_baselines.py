@@ -304,6 +304,164 @@ def test_cocoop_meta_net_shapes_and_batched_prompts_equal_the_sources_loop(fast_
         torch.testing.assert_close(trainer.compute_logits_from_features(features), batched)
 
 
+# ----- LP++ ------------------------------------------------------------------------------------
+def lpp_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """12 unit-norm features of 3 classes (4 shots each) and 3 unit-norm class text features."""
+    generator = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(12, 6, generator=generator), dim=-1)
+    labels = torch.arange(3).repeat_interleave(4)
+    text = F.normalize(torch.randn(3, 6, generator=generator), dim=-1)
+    return features, labels, text
+
+
+def test_lpp_logits_are_the_probe_plus_alpha_times_the_text_similarity():
+    from fewclip_trainers.lpp import LPPlusPlusHead, compute_lpp_logits
+
+    features, _, text = lpp_tensors()
+    generator = torch.Generator().manual_seed(1)
+    weight, bias, alpha = (
+        torch.randn(*shape, generator=generator) for shape in ((3, 6), (3,), (3,))
+    )
+    expected = torch.zeros(12, 3)
+    for n in range(12):  # element by element: f_n . w_c + b_c + alpha_c (f_n . t_c)
+        for c in range(3):
+            visual = sum(float(features[n, d] * weight[c, d]) for d in range(6))
+            textual = sum(float(features[n, d] * text[c, d]) for d in range(6))
+            expected[n, c] = visual + float(bias[c]) + float(alpha[c]) * textual
+    torch.testing.assert_close(compute_lpp_logits(features, weight, bias, alpha, text), expected)
+    linear = torch.nn.Linear(6, 3)  # linear_probe_p2.py:127-129 as released
+    linear.weight.data, linear.bias.data = weight.clone(), bias.clone()
+    released = linear(features) + torch.ones(12, 1) @ alpha[None] * (features @ text.t())
+    head = LPPlusPlusHead(3, 6)
+    with torch.no_grad():
+        head.weight.copy_(weight), head.bias.copy_(bias), head.alpha.copy_(alpha)
+    torch.testing.assert_close(head(features, text), released.detach())
+
+
+def released_lpp_start(features, labels, shots, clip_weights):
+    """methods/utils.py:82-124 and methods/linear_probe_p2.py:16-39 as released (fp32 here):
+    W = class sums, alpha_0, lr_w, lr_alpha."""
+    num_classes = labels.unique().size(0)
+    one_hot = torch.zeros(1, len(labels), num_classes)
+    one_hot.scatter_(-1, labels[None, :, None], 1)
+    centroids = one_hot.transpose(1, 2).bmm(features[None])[0]  # the mean is commented out
+    similarity = (features @ clip_weights)[None]
+    alpha_tilde = (one_hot * similarity / one_hot.sum(-2, keepdim=True)).sum(1)[0]
+    alpha_tilde = alpha_tilde.double() * shots
+    init_alpha = torch.mean(250 / shots * alpha_tilde)
+    eigenvalues, _ = np.linalg.eigh((features.T @ features).numpy())
+    lr_w = 4 * features.shape[0] / max(eigenvalues)
+    lr_alpha = features.shape[0] / (max(torch.sum(torch.pow(features @ clip_weights, 2), 0)) * 4)
+    return centroids, float(init_alpha), float(lr_w), float(lr_alpha)
+
+
+def test_lpp_initialisation_and_step_sizes_are_the_released_codes():
+    from fewclip_trainers.lpp import (
+        compute_alpha_step,
+        compute_class_sums,
+        compute_init_alpha,
+        compute_weight_step,
+    )
+
+    features, labels, text = lpp_tensors()
+    centroids, init_alpha, lr_w, lr_alpha = released_lpp_start(features, labels, 4, text.t())
+    sums = compute_class_sums(features, labels, 3)
+    torch.testing.assert_close(sums, centroids)
+    torch.testing.assert_close(sums[1], features[4:8].sum(dim=0))  # sums, not means
+    assert compute_init_alpha(features, labels, text, 3) == pytest.approx(init_alpha, rel=1e-6)
+    by_hand = 250 * np.mean([float((features[labels == c] @ text[c]).mean()) for c in range(3)])
+    assert init_alpha == pytest.approx(by_hand, rel=1e-5)
+    assert compute_weight_step(features) == pytest.approx(lr_w, rel=1e-5)
+    assert compute_alpha_step(features, text) == pytest.approx(lr_alpha, rel=1e-5)
+    # a class without shots: no row of sums, left out of alpha's mean
+    assert compute_class_sums(features[:8], labels[:8], 3)[2].abs().sum() == 0
+    partial = 250 * np.mean([float((features[labels == c] @ text[c]).mean()) for c in range(2)])
+    assert compute_init_alpha(features[:8], labels[:8], text, 3) == pytest.approx(partial)
+
+
+def test_lpp_epochs_are_the_released_loop_with_alpha_on_its_summed_gradient():
+    """25 epochs of run_block_descent against linear_probe_p2.py:116-139 written out: alpha is a
+    Variable outside the optimiser, so its gradient sums every epoch since the start."""
+    from fewclip_trainers.lpp import (
+        LPPlusPlusHead,
+        compute_alpha_step,
+        compute_class_sums,
+        compute_init_alpha,
+        compute_weight_step,
+        run_block_descent,
+    )
+
+    features, labels, text = lpp_tensors()
+    bias = torch.linspace(-0.3, 0.3, 3)
+    steps = (compute_weight_step(features), compute_alpha_step(features, text))
+    init_alpha = compute_init_alpha(features, labels, text, 3)
+    classifier = torch.nn.Linear(6, 3)
+    classifier.weight.data = compute_class_sums(features, labels, 3)
+    classifier.bias.data = bias.clone()
+    alpha_vec = torch.full((1, 3), init_alpha, requires_grad=True)
+    optimizer = torch.optim.SGD(classifier.parameters(), steps[0], momentum=0.9)
+    alphas = []
+    for epoch in range(25):
+        logits = classifier(features) + torch.ones(12, 1) @ alpha_vec * (features @ text.t())
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (epoch + 1) % 10 == 0:
+            alpha_vec.data -= steps[1] * alpha_vec.grad.data
+        alphas.append(alpha_vec.detach()[0].clone())
+
+    head = LPPlusPlusHead(3, 6)
+    with torch.no_grad():
+        head.weight.copy_(compute_class_sums(features, labels, 3))
+        head.bias.copy_(bias)
+        head.alpha.fill_(init_alpha)
+    seen = []
+    run_block_descent(head, features, labels, text, steps, 25, 10, 0.9, lambda e, _: seen.append(e))
+    assert seen == list(range(25))
+    torch.testing.assert_close(head.weight.detach(), classifier.weight.detach())
+    torch.testing.assert_close(head.bias.detach(), classifier.bias.detach())
+    torch.testing.assert_close(head.alpha.detach(), alpha_vec.detach()[0])
+    assert torch.equal(alphas[0], alphas[8]) and not torch.equal(alphas[8], alphas[9])
+    assert not torch.equal(alphas[9], alphas[19])  # the second step, on 20 epochs' gradients
+
+
+def test_lpp_starts_from_the_cached_shots_and_picks_the_later_best_validation_epoch(
+    fast_opts, monkeypatch
+):
+    import fewclip_trainers.lpp as lpp
+
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "0", "TRAINER.LPPLUSPLUS.AUGMENT_VIEWS", "0"]
+    opts += ["TRAINER.LPPLUSPLUS.EPOCHS", "30"]
+    cfg, _, _, trainer, train, val, _ = build_everything("LPPlusPlus", opts)
+    assert (cfg.EVAL.SELECT, cfg.EVAL.VAL_EVERY, cfg.TRAINER.LPPLUSPLUS.ALPHA_EVERY) == (
+        "best_val", 1, 10,
+    )  # fmt: skip
+    started, original = {}, lpp.run_block_descent
+
+    def spy(head, features, labels, text, steps, epochs, *rest):
+        started.update(weight=head.weight.detach().clone(), alpha=head.alpha.detach().clone())
+        started.update(features=features, steps=steps, epochs=epochs)
+        return original(head, features, labels, text, steps, epochs, *rest)
+
+    monkeypatch.setattr(lpp, "run_block_descent", spy)
+    report = trainer.fit(train, val)
+    cached = trainer.image_features(train)
+    labels = torch.as_tensor(train.labels)
+    text = trainer.frozen_text_features()
+    torch.testing.assert_close(started["features"], cached)
+    torch.testing.assert_close(started["weight"], lpp.compute_class_sums(cached, labels, 4))
+    assert torch.allclose(started["alpha"], torch.tensor(report["init_alpha"]))
+    assert report["init_alpha"] == pytest.approx(lpp.compute_init_alpha(cached, labels, text, 4))
+    assert started["steps"] == (report["weight_step"], report["alpha_step"])
+    assert started["epochs"] == report["iterations"] == 30
+    history = report["val_history"]
+    assert [entry["step"] for entry in history] == list(range(1, 31))
+    best = max(entry["val_score"] for entry in history)
+    later = max(entry["step"] for entry in history if entry["val_score"] == best)
+    assert report["selected_step"] == later
+
+
 # ----- every new recipe end to end through the command line ------------------------------------
 NEW_RECIPES = {
     "tip_adapter.yaml": "TipAdapter",
@@ -312,6 +470,7 @@ NEW_RECIPES = {
     "coop.yaml": "CoOp",
     "kgcoop.yaml": "KgCoOp",
     "cocoop.yaml": "CoCoOp",
+    "lpp.yaml": "LPPlusPlus",
 }
 
 

@@ -20,6 +20,7 @@ from . import (  # noqa: E402, F401
     coop,
     kgcoop,
     linear_probe,
+    lpp,
     savlt,
     tip_adapter,
     vit_teacher,
