@@ -14,6 +14,7 @@ if __name__ != "fewclip_trainers":
 from . import (  # noqa: E402, F401
     amlpf,
     camvla,
+    clap,
     clip_adapter,
     clip_lora,
     cocoop,
