@@ -127,7 +127,7 @@ class CLAP(FeatureViews, TrainerBase):
         return self.network["clap"]
 
     def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp().detach()  # frozen (only the adapter trains, :510-524)
+        return self.clip.logit_scale.exp().detach()  # frozen (only the adapter trains, :509-514)
 
     def fit(self, train: ImageSet, val: ImageSet | None, evaluate_fn=None) -> dict:
         """Zero-shot start, lambda from the zero-shot logits of the training pool, then SGD on
