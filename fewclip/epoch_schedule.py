@@ -1,13 +1,16 @@
-"""Epoch-based training of the Dassl.pytorch line (CoOp, CoCoOp, KgCoOp, CLIP-Adapter): SGD, a
-number of epochs that depends on the shots, one constant warm-up epoch, then cosine.
+"""Epoch-based training of the Dassl.pytorch line (CoOp, CoCoOp, KgCoOp, CLIP-Adapter, CLAP): SGD,
+a number of epochs that depends on the shots, one constant warm-up epoch, then cosine.
 
 fewclip's loop counts iterations, so the epochs become iterations here: Dassl drops the last
 short batch when the training set holds at least one batch (dassl/data/data_manager.py:43), so an
 epoch is floor(N / B) iterations, or 1 when N < B. A trainer using these keys overrides
-`num_iterations`, `num_warmup_iterations` and `build_optimizer` through `DasslSchedule`.
+`num_iterations`, `num_warmup_iterations` and `build_optimizer` through `DasslSchedule`; a trainer
+with a loop of its own (CLAP) steps the lr once per epoch as Dassl does (`compute_dassl_epoch_lr`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -53,6 +56,19 @@ def warmup_iterations(node: CfgNode, optim: CfgNode, num_train: int, total: int)
     """WARMUP_EPOCHS epochs of iterations, at most all but one of `total`."""
     steps = node.WARMUP_EPOCHS * iterations_per_epoch(num_train, optim.BATCH_SIZE)
     return min(steps, max(0, total - 1))
+
+
+def compute_dassl_epoch_lr(
+    epoch: int, lr: float, max_epoch: int, warmup_epochs: int, warmup_lr: float, min_lr: float
+) -> float:
+    """The lr of 0-based `epoch` under Dassl's cosine schedule with a constant warm-up, stepped
+    once per epoch (dassl/optim/lr_scheduler.py:35-54, :128-141, WARMUP_RECOUNT True): `warmup_lr`
+    for the first `warmup_epochs` epochs, then min_lr + (lr - min_lr) (1 + cos(pi e / max_epoch))
+    / 2 with e counted from the end of the warm-up (so the last epoch stays above min_lr)."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    progress = (epoch - warmup_epochs) / max_epoch
+    return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_sgd(

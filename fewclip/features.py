@@ -66,18 +66,23 @@ def compute_text_features(
     tokenizer: Callable[[list[str]], torch.Tensor],
     texts_per_class: Sequence[Sequence[str]],
     device: torch.device,
+    unit_norm: bool = True,
 ) -> torch.Tensor:
-    """Prompt-ensemble class embeddings: (C, D), unit norm.
+    """Prompt-ensemble class embeddings: (C, D).
 
     Each class's texts are encoded, normalised, averaged and normalised again (CLIP's ensemble).
-    Gradients flow when the caller has not disabled them (text LoRA trains through this).
+    `unit_norm` False: the plain mean of the raw text embeddings, never normalised (CLAP's
+    prototypes, whose norm its penalty sees). Gradients flow when the caller has not disabled
+    them (text LoRA trains through this).
     """
     flat = [text for texts in texts_per_class for text in texts]
     counts = [len(texts) for texts in texts_per_class]
     tokens = tokenizer(flat).to(device)
-    features = F.normalize(model.encode_text(tokens).float(), dim=-1)
-    per_class = torch.split(features, counts)
-    return F.normalize(torch.stack([chunk.mean(dim=0) for chunk in per_class]), dim=-1)
+    features = model.encode_text(tokens).float()
+    if unit_norm:
+        features = F.normalize(features, dim=-1)
+    means = torch.stack([chunk.mean(dim=0) for chunk in torch.split(features, counts)])
+    return F.normalize(means, dim=-1) if unit_norm else means
 
 
 def cached_text_features(
@@ -87,22 +92,27 @@ def cached_text_features(
     device: torch.device,
     identity: str,
     cache_dir: str | Path | None,
+    unit_norm: bool = True,
 ) -> torch.Tensor:
     """`compute_text_features` of a text tower that does not train: (C, D), no gradient.
 
-    Computed once per (backbone identity, prompt texts, device type) in fp32, then kept in this
-    process and under `cache_dir/features/`. Only for an unmodified text tower: the key sees the
-    weights through `identity` (as loaded), not changes made to them afterwards.
+    Computed once per (backbone identity, prompt texts, device type, unit norm or raw) in fp32,
+    then kept in this process and under `cache_dir/features/`. Only for an unmodified text
+    tower: the key sees the weights through `identity` (as loaded), not changes made to them
+    afterwards.
     """
     device = torch.device(device)
     texts = json.dumps([list(texts) for texts in texts_per_class])
-    key = compute_feature_key(identity, device.type, "text-v1", texts)
+    kind = "text-v1" if unit_norm else "text-raw-mean-v1"
+    key = compute_feature_key(identity, device.type, kind, texts)
     if key not in _TEXT_FEATURES:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             _TEXT_FEATURES[key] = load_or_compute_features(
                 cache_dir,
                 key,
-                lambda: compute_text_features(model, tokenizer, texts_per_class, device).cpu(),
+                lambda: compute_text_features(
+                    model, tokenizer, texts_per_class, device, unit_norm
+                ).cpu(),
             )
     return _TEXT_FEATURES[key].to(device, copy=True)
 

@@ -254,9 +254,10 @@ class TrainerBase(abc.ABC):
                     )
                 current[name].copy_(tensor)
 
-    def frozen_text_features(self, level: str = "label") -> torch.Tensor:
+    def frozen_text_features(self, level: str = "label", unit_norm: bool = True) -> torch.Tensor:
         """`text_features` for a text tower this method never changes: computed once per
-        backbone and prompt texts, cached in memory and under CACHE_DIR (no gradient)."""
+        backbone and prompt texts, cached in memory and under CACHE_DIR (no gradient).
+        `unit_norm` False: the raw mean text embedding per class (`compute_text_features`)."""
         return cached_text_features(
             self.clip,
             self.bundle.tokenizer,
@@ -264,6 +265,7 @@ class TrainerBase(abc.ABC):
             self.device,
             self.bundle.identity,
             self.cfg.CACHE_DIR or None,
+            unit_norm,
         )
 
     def input_tensor(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -304,6 +304,319 @@ def test_cocoop_meta_net_shapes_and_batched_prompts_equal_the_sources_loop(fast_
         torch.testing.assert_close(trainer.compute_logits_from_features(features), batched)
 
 
+# ----- LP++ ------------------------------------------------------------------------------------
+def lpp_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """12 unit-norm features of 3 classes (4 shots each) and 3 unit-norm class text features."""
+    generator = torch.Generator().manual_seed(0)
+    features = F.normalize(torch.randn(12, 6, generator=generator), dim=-1)
+    labels = torch.arange(3).repeat_interleave(4)
+    text = F.normalize(torch.randn(3, 6, generator=generator), dim=-1)
+    return features, labels, text
+
+
+def test_lpp_logits_are_the_probe_plus_alpha_times_the_text_similarity():
+    from fewclip_trainers.lpp import LPPlusPlusHead, compute_lpp_logits
+
+    features, _, text = lpp_tensors()
+    generator = torch.Generator().manual_seed(1)
+    weight, bias, alpha = (
+        torch.randn(*shape, generator=generator) for shape in ((3, 6), (3,), (3,))
+    )
+    expected = torch.zeros(12, 3)
+    for n in range(12):  # element by element: f_n . w_c + b_c + alpha_c (f_n . t_c)
+        for c in range(3):
+            visual = sum(float(features[n, d] * weight[c, d]) for d in range(6))
+            textual = sum(float(features[n, d] * text[c, d]) for d in range(6))
+            expected[n, c] = visual + float(bias[c]) + float(alpha[c]) * textual
+    torch.testing.assert_close(compute_lpp_logits(features, weight, bias, alpha, text), expected)
+    linear = torch.nn.Linear(6, 3)  # linear_probe_p2.py:127-129 as released
+    linear.weight.data, linear.bias.data = weight.clone(), bias.clone()
+    released = linear(features) + torch.ones(12, 1) @ alpha[None] * (features @ text.t())
+    head = LPPlusPlusHead(3, 6)
+    with torch.no_grad():
+        head.weight.copy_(weight), head.bias.copy_(bias), head.alpha.copy_(alpha)
+    torch.testing.assert_close(head(features, text), released.detach())
+
+
+def released_lpp_start(features, labels, shots, clip_weights):
+    """methods/utils.py:82-124 and methods/linear_probe_p2.py:16-39 as released (fp32 here):
+    W = class sums, alpha_0, lr_w, lr_alpha."""
+    num_classes = labels.unique().size(0)
+    one_hot = torch.zeros(1, len(labels), num_classes)
+    one_hot.scatter_(-1, labels[None, :, None], 1)
+    centroids = one_hot.transpose(1, 2).bmm(features[None])[0]  # the mean is commented out
+    similarity = (features @ clip_weights)[None]
+    alpha_tilde = (one_hot * similarity / one_hot.sum(-2, keepdim=True)).sum(1)[0]
+    alpha_tilde = alpha_tilde.double() * shots
+    init_alpha = torch.mean(250 / shots * alpha_tilde)
+    eigenvalues, _ = np.linalg.eigh((features.T @ features).numpy())
+    lr_w = 4 * features.shape[0] / max(eigenvalues)
+    lr_alpha = features.shape[0] / (max(torch.sum(torch.pow(features @ clip_weights, 2), 0)) * 4)
+    return centroids, float(init_alpha), float(lr_w), float(lr_alpha)
+
+
+def test_lpp_initialisation_and_step_sizes_are_the_released_codes():
+    from fewclip_trainers.lpp import (
+        compute_alpha_step,
+        compute_class_sums,
+        compute_init_alpha,
+        compute_weight_step,
+    )
+
+    features, labels, text = lpp_tensors()
+    centroids, init_alpha, lr_w, lr_alpha = released_lpp_start(features, labels, 4, text.t())
+    sums = compute_class_sums(features, labels, 3)
+    torch.testing.assert_close(sums, centroids)
+    torch.testing.assert_close(sums[1], features[4:8].sum(dim=0))  # sums, not means
+    assert compute_init_alpha(features, labels, text, 3) == pytest.approx(init_alpha, rel=1e-6)
+    by_hand = 250 * np.mean([float((features[labels == c] @ text[c]).mean()) for c in range(3)])
+    assert init_alpha == pytest.approx(by_hand, rel=1e-5)
+    assert compute_weight_step(features) == pytest.approx(lr_w, rel=1e-5)
+    assert compute_alpha_step(features, text) == pytest.approx(lr_alpha, rel=1e-5)
+    # a class without shots: no row of sums, left out of alpha's mean
+    assert compute_class_sums(features[:8], labels[:8], 3)[2].abs().sum() == 0
+    partial = 250 * np.mean([float((features[labels == c] @ text[c]).mean()) for c in range(2)])
+    assert compute_init_alpha(features[:8], labels[:8], text, 3) == pytest.approx(partial)
+
+
+def test_lpp_epochs_are_the_released_loop_with_alpha_on_its_summed_gradient():
+    """25 epochs of run_block_descent against linear_probe_p2.py:116-139 written out: alpha is a
+    Variable outside the optimiser, so its gradient sums every epoch since the start."""
+    from fewclip_trainers.lpp import (
+        LPPlusPlusHead,
+        compute_alpha_step,
+        compute_class_sums,
+        compute_init_alpha,
+        compute_weight_step,
+        run_block_descent,
+    )
+
+    features, labels, text = lpp_tensors()
+    bias = torch.linspace(-0.3, 0.3, 3)
+    steps = (compute_weight_step(features), compute_alpha_step(features, text))
+    init_alpha = compute_init_alpha(features, labels, text, 3)
+    classifier = torch.nn.Linear(6, 3)
+    classifier.weight.data = compute_class_sums(features, labels, 3)
+    classifier.bias.data = bias.clone()
+    alpha_vec = torch.full((1, 3), init_alpha, requires_grad=True)
+    optimizer = torch.optim.SGD(classifier.parameters(), steps[0], momentum=0.9)
+    alphas = []
+    for epoch in range(25):
+        logits = classifier(features) + torch.ones(12, 1) @ alpha_vec * (features @ text.t())
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (epoch + 1) % 10 == 0:
+            alpha_vec.data -= steps[1] * alpha_vec.grad.data
+        alphas.append(alpha_vec.detach()[0].clone())
+
+    head = LPPlusPlusHead(3, 6)
+    with torch.no_grad():
+        head.weight.copy_(compute_class_sums(features, labels, 3))
+        head.bias.copy_(bias)
+        head.alpha.fill_(init_alpha)
+    seen = []
+    run_block_descent(head, features, labels, text, steps, 25, 10, 0.9, lambda e, _: seen.append(e))
+    assert seen == list(range(25))
+    torch.testing.assert_close(head.weight.detach(), classifier.weight.detach())
+    torch.testing.assert_close(head.bias.detach(), classifier.bias.detach())
+    torch.testing.assert_close(head.alpha.detach(), alpha_vec.detach()[0])
+    assert torch.equal(alphas[0], alphas[8]) and not torch.equal(alphas[8], alphas[9])
+    assert not torch.equal(alphas[9], alphas[19])  # the second step, on 20 epochs' gradients
+
+
+def test_lpp_starts_from_the_cached_shots_and_picks_the_later_best_validation_epoch(
+    fast_opts, monkeypatch
+):
+    import fewclip_trainers.lpp as lpp
+
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "0", "TRAINER.LPPLUSPLUS.AUGMENT_VIEWS", "0"]
+    opts += ["TRAINER.LPPLUSPLUS.EPOCHS", "30"]
+    cfg, _, _, trainer, train, val, _ = build_everything("LPPlusPlus", opts)
+    assert (cfg.EVAL.SELECT, cfg.EVAL.VAL_EVERY, cfg.TRAINER.LPPLUSPLUS.ALPHA_EVERY) == (
+        "best_val", 1, 10,
+    )  # fmt: skip
+    started, original = {}, lpp.run_block_descent
+
+    def spy(head, features, labels, text, steps, epochs, *rest):
+        started.update(weight=head.weight.detach().clone(), alpha=head.alpha.detach().clone())
+        started.update(features=features, steps=steps, epochs=epochs)
+        return original(head, features, labels, text, steps, epochs, *rest)
+
+    monkeypatch.setattr(lpp, "run_block_descent", spy)
+    report = trainer.fit(train, val)
+    cached = trainer.image_features(train)
+    labels = torch.as_tensor(train.labels)
+    text = trainer.frozen_text_features()
+    torch.testing.assert_close(started["features"], cached)
+    torch.testing.assert_close(started["weight"], lpp.compute_class_sums(cached, labels, 4))
+    assert torch.allclose(started["alpha"], torch.tensor(report["init_alpha"]))
+    assert report["init_alpha"] == pytest.approx(lpp.compute_init_alpha(cached, labels, text, 4))
+    assert started["steps"] == (report["weight_step"], report["alpha_step"])
+    assert started["epochs"] == report["iterations"] == 30
+    history = report["val_history"]
+    assert [entry["step"] for entry in history] == list(range(1, 31))
+    best = max(entry["val_score"] for entry in history)
+    later = max(entry["step"] for entry in history if entry["val_score"] == best)
+    assert report["selected_step"] == later
+
+
+# ----- CLAP ------------------------------------------------------------------------------------
+def test_clap_penalty_value_and_its_gradient_in_the_prototypes():
+    from fewclip_trainers.clap import compute_zero_shot_penalty
+
+    generator = torch.Generator().manual_seed(2)
+    prototypes = torch.randn(4, 5, generator=generator)
+    anchors = 3.0 * torch.randn(4, 5, generator=generator)  # raw text embeddings: not unit norm
+    multipliers = torch.tensor([0.9, 0.1, 0.5, 0.0])
+    expected = (
+        sum(
+            float(multipliers[c])
+            * sum(float(prototypes[c, d] - anchors[c, d]) ** 2 for d in range(5))
+            for c in range(4)
+        )
+        / 4
+    )  # (1/C) sum_c lambda_c ||w_c - t_c||^2, adapters.py:223, :230
+    weights = prototypes.clone().requires_grad_(True)
+    penalty = compute_zero_shot_penalty(weights, anchors, multipliers)
+    assert float(penalty.detach()) == pytest.approx(expected, rel=1e-6)
+    penalty.backward()
+    gradient = 2.0 * multipliers[:, None] * (prototypes - anchors) / 4  # d/dw_c, written out
+    torch.testing.assert_close(weights.grad, gradient)
+    assert weights.grad[3].abs().sum() == 0  # lambda 0: no pull on that class
+    at_anchor = anchors.clone().requires_grad_(True)
+    compute_zero_shot_penalty(at_anchor, anchors, multipliers).backward()
+    assert at_anchor.grad.abs().sum() == 0
+
+
+def test_clap_multipliers_are_the_zero_shot_mean_true_class_probability():
+    from fewclip_trainers.clap import compute_initial_multipliers
+
+    generator = torch.Generator().manual_seed(4)
+    logits = 3.0 * torch.randn(10, 3, generator=generator)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+    one_hot = F.one_hot(labels).float()  # adapters.py:239-243 as released
+    released = torch.diag(torch.softmax(logits, -1).t() @ one_hot) / one_hot.sum(0)
+    by_hand = [
+        np.mean([float(torch.softmax(logits[i], -1)[c]) for i in range(10) if labels[i] == c])
+        for c in range(3)
+    ]
+    got = compute_initial_multipliers(logits, labels, 3)
+    torch.testing.assert_close(got, released)
+    torch.testing.assert_close(got, torch.tensor(by_hand, dtype=torch.float32))
+    absent = compute_initial_multipliers(logits[:7], labels[:7], 3)  # no sample of class 2
+    assert float(absent[2]) == 0.0 and torch.allclose(absent[:2], got[:2])
+
+
+def test_clap_logits_are_the_scaled_cosine_whatever_the_prototype_norm():
+    from fewclip_trainers.clap import compute_prototype_logits
+
+    generator = torch.Generator().manual_seed(5)
+    features = torch.randn(4, 6, generator=generator)
+    prototypes = 7.0 * torch.randn(3, 6, generator=generator)
+    expected = torch.zeros(4, 3)
+    for n in range(4):  # adapters.py:348-352: 100 x cos(f_n, w_c)
+        for c in range(3):
+            cosine = float(features[n] @ prototypes[c]) / float(
+                features[n].norm() * prototypes[c].norm()
+            )
+            expected[n, c] = 100.0 * cosine
+    torch.testing.assert_close(compute_prototype_logits(features, prototypes, 100.0), expected)
+    torch.testing.assert_close(
+        compute_prototype_logits(features, F.normalize(prototypes, dim=-1), 100.0), expected
+    )
+
+
+def released_dassl_lrs(lr: float, max_epoch: int, warmup_lr: float, epochs: int) -> list[float]:
+    """Dassl's ConstantWarmupScheduler(CosineAnnealingLR(T_max = max_epoch), 1 epoch), stepped
+    once per epoch (dassl/optim/lr_scheduler.py:27-54, :128-141), on torch's own cosine."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, float(max_epoch))
+    warmup_epoch, last_epoch, lrs = 1, 0, []
+    for _ in range(epochs):
+        lrs.append(warmup_lr if last_epoch < warmup_epoch else cosine.get_last_lr()[0])
+        if last_epoch >= warmup_epoch:
+            optimizer.step()  # no gradient: leaves the parameter, keeps torch's order check quiet
+            cosine.step()
+        else:
+            last_epoch += 1
+    return lrs
+
+
+def test_clap_epoch_lr_is_dassls_constant_warmup_then_cosine():
+    from fewclip.epoch_schedule import compute_dassl_epoch_lr
+
+    got = [compute_dassl_epoch_lr(e, 0.1, 300, 1, 1e-5, 0.0) for e in range(300)]
+    np.testing.assert_allclose(got, released_dassl_lrs(0.1, 300, 1e-5, 300), rtol=1e-9)
+    assert got[0] == 1e-5 and got[1] == 0.1 and got[-1] > 0  # stops short of the minimum
+
+
+def test_clap_starts_at_the_raw_text_embeddings_with_zero_shot_multipliers(fast_opts):
+    from fewclip_trainers.clap import compute_initial_multipliers, compute_prototype_logits
+
+    recipe = build_config(RECIPES / "clap.yaml", SYNTHETIC, [])
+    node, optim = recipe.TRAINER.CLAP, recipe.OPTIM
+    assert (node.CONSTRAINT, node.AUGMENT_VIEWS, node.EPOCHS[-1], node.MOMENTUM) == (
+        "l2",
+        20,
+        300,
+        0.9,
+    )
+    assert (optim.LR, optim.WEIGHT_DECAY, optim.BATCH_SIZE, optim.WARMUP_CONSTANT_LR) == (
+        0.1, 0.0, 256, 1e-5,
+    )  # fmt: skip
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "0", "OPTIM.BATCH_SIZE", "256"]
+    *_, trainer, train, val, _ = build_everything(
+        "CLAP", [*opts, "TRAINER.CLAP.AUGMENT_VIEWS", "0"]
+    )
+    report = trainer.fit(train, val)
+    assert report["iterations"] == report["epochs"] == 300  # 8 shots < 256: one batch an epoch
+    texts = trainer.prompt_texts("label")
+    with torch.no_grad():  # the mean of the raw embeddings of each class's texts (:118-127)
+        raw = [trainer.clip.encode_text(trainer.bundle.tokenizer(t)).mean(dim=0) for t in texts]
+    anchors = trainer.clap.anchors
+    torch.testing.assert_close(anchors, torch.stack(raw), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(anchors.norm(dim=-1), torch.ones(4))
+    features, labels = trainer.image_features(train), torch.as_tensor(train.labels)
+    scale = trainer.clip.logit_scale.exp()
+    zero_shot = compute_prototype_logits(features, anchors, scale).detach()
+    expected = compute_initial_multipliers(zero_shot, labels, 4)
+    torch.testing.assert_close(trainer.clap.multipliers, expected)
+    assert not torch.equal(trainer.clap.prototypes.detach(), anchors)  # and it trained
+    assert report["num_training_features"] == len(train) and report["selected_step"] == 300
+
+
+def test_clap_trains_on_twenty_views_of_each_shot(fast_opts):
+    *_, trainer, train, val, _ = build_everything("CLAP", fast_opts)
+    assert trainer.node.AUGMENT_VIEWS == 20
+    features, labels = trainer.training_feature_pool(train, 2)
+    assert features.shape == (2 * len(train), 64)
+    torch.testing.assert_close(features.norm(dim=-1), torch.ones(2 * len(train)))
+    assert labels.tolist() == list(train.labels) * 2
+    assert trainer.fit(train, val)["num_training_features"] == 20 * len(train)
+
+
+@pytest.mark.parametrize(
+    ("trainer_name", "key", "value", "message"),
+    [
+        ("LPPlusPlus", "SELECT_METRIC", "f1", "SELECT_METRIC 'f1' is not one of accuracy, "),
+        ("LPPlusPlus", "ALPHA_EVERY", "0", "ALPHA_EVERY must be at least 1, not 0"),
+        ("LPPlusPlus", "MOMENTUM", "1.5", "MOMENTUM must be in [0, 1), not 1.5"),
+        ("CLAP", "CONSTRAINT", "l1", "CONSTRAINT 'l1' is not one of l2, none"),
+        ("CLAP", "AUGMENT_VIEWS", "-1", "AUGMENT_VIEWS must be 0 or more, not -1"),
+    ],
+)
+def test_bad_lpp_and_clap_options_fail_in_one_line_naming_the_key(
+    trainer_name, key, value, message, fast_opts
+):
+    full_key = f"TRAINER.{trainer_name.upper()}.{key}"
+    with pytest.raises(ValueError) as error:
+        build_everything(trainer_name, [*fast_opts, full_key, value])
+    assert str(error.value).startswith(f"{full_key} ") and message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
 # ----- every new recipe end to end through the command line ------------------------------------
 NEW_RECIPES = {
     "tip_adapter.yaml": "TipAdapter",
@@ -312,6 +625,8 @@ NEW_RECIPES = {
     "coop.yaml": "CoOp",
     "kgcoop.yaml": "KgCoOp",
     "cocoop.yaml": "CoCoOp",
+    "lpp.yaml": "LPPlusPlus",
+    "clap.yaml": "CLAP",
 }
 
 

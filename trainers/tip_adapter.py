@@ -29,8 +29,7 @@ from fewclip.cache_model import (
 )
 from fewclip.data import Item
 from fewclip.families import image_feature_dim
-from fewclip.features import autocast_context
-from fewclip.images import take_rows
+from fewclip.feature_training import FeatureViews
 from fewclip.registry import TRAINERS
 from fewclip.trainer import ImageSet, TrainerBase
 
@@ -43,7 +42,7 @@ def embedding_dim(clip: nn.Module) -> int:
 
 
 @TRAINERS.register()
-class TipAdapter(TrainerBase):
+class TipAdapter(FeatureViews, TrainerBase):
     """Training-free: the cache is built from the few shots, alpha and beta searched on val."""
 
     text_anchor = "predicts"
@@ -90,25 +89,11 @@ class TipAdapter(TrainerBase):
         return self.network["cache"]
 
     # ----- the cache ---------------------------------------------------------------------------
-    def encode_views(self, train: ImageSet) -> torch.Tensor:
-        """(V, K, D) raw features of AUGMENT_VIEWS augmented views of every training image
-        (utils.py:46-57: RandomResizedCrop + flip, INPUT.CROP_SCALE, CROP_INTERPOLATION)."""
-        views, size = [], self.cfg.EVAL.BATCH_SIZE
-        for _ in range(self.node.AUGMENT_VIEWS):
-            chunks = []
-            for start in range(0, len(train), size):
-                rows = np.arange(start, min(start + size, len(train)))
-                with torch.no_grad(), autocast_context(self.device, self.cfg.PRECISION):
-                    images = self.augment(self.input_tensor(take_rows(train.images, rows)), rows)
-                    chunks.append(self.clip.encode_image(self.model_input(images)).float())
-            views.append(torch.cat(chunks))
-        return torch.stack(views)
-
     def prepare(self, train: ImageSet) -> None:
         self.num_train = len(train)
         augmented = self.cfg.INPUT.AUGMENT == "crop_flip" and self.node.AUGMENT_VIEWS > 0
-        if augmented:
-            keys = average_view_keys(self.encode_views(train))
+        if augmented:  # utils.py:46-57: RandomResizedCrop + flip views of every shot
+            keys = average_view_keys(self.encode_augmented_views(train, self.node.AUGMENT_VIEWS))
         else:  # one deterministic view: the cached frozen feature
             keys = self.image_features(train).to(self.device)
         labels = torch.as_tensor(train.labels, device=self.device)
