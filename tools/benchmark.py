@@ -47,7 +47,16 @@ from tools.benchmark_reference import (  # noqa: E402
 )
 
 RECIPES = ROOT / "configs" / "trainers"
-FAMILY_TWINS = ("twin:timm-hf", "twin:hf-clip", "twin:resnet")
+# (tiny twin, the same layout at the real model's size) per family; open_clip's ViT is the
+# benchmark's main model, timed here only with --families-only
+FAMILY_TWINS = (
+    ("tiny-vit", "ViT-B-16"),
+    ("twin:timm-hf", "twin:timm-hf-base"),
+    ("twin:hf-clip", "twin:hf-clip-base"),
+    ("twin:resnet", "twin:resnet-base"),
+)
+TABLE_HEADER = "| model | measure | toolkit | reference | bare model | vs reference | vs bare |"
+TABLE_RULE = "|---|---|---|---|---|---|---|"
 DATASET_CONFIG = ROOT / "configs" / "datasets" / "image_folder_example.yaml"
 
 
@@ -295,6 +304,9 @@ def main() -> None:
     parser.add_argument("--vit-eval-images", type=int, default=32, help="ViT-B/16: eval images")
     parser.add_argument("--channels-last", action="store_true", help="also time PERF.CHANNELS_LAST")
     parser.add_argument("--families", action="store_true", help="also time every family's twin")
+    parser.add_argument(
+        "--families-only", action="store_true", help="time only the families' twins"
+    )
     parser.add_argument("--work", default="", help="folder for data and caches (default: temp)")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--spec", default="{}", help=argparse.SUPPRESS)
@@ -321,7 +333,37 @@ def main() -> None:
     throughput = {**tiny, "steps": args.tiny_steps, "batch": 32, "shots": 8, "eval_batch": 256}
     throughput.update(eval_images=tiny_images, repeats=args.repeats)
     throughput.update(cache=str(work / "tiny-cache"), output=str(work / "tiny-out"))
-    report["tiny"] = run_child("throughput", throughput, args.threads)["result"]
+    vit_root = make_jpeg_dataset(work / "vit-data", 1, 16, 288) if not args.skip_vit else None
+    vit = {**common, "root": str(vit_root), "model": "ViT-B-16", "batch": 32, "shots": 8}
+    vit.update(steps=args.vit_steps, cache=str(work / "vit-cache"))
+    vit_throughput = {**vit, "eval_batch": 32, "eval_images": args.vit_eval_images}
+    vit_throughput.update(repeats=1, output=str(work / "vit-out"))
+    if not args.families_only:
+        report.update(main_measurements(args, work, throughput, tiny, vit, vit_throughput))
+    families = {}
+    for name, base in FAMILY_TWINS if args.families or args.families_only else ():
+        if name == "tiny-vit" and not args.families_only:
+            continue  # measured above
+        spec = {**throughput, "model": name, "output": str(work / f"out-{len(families)}")}
+        families[name] = run_child("throughput", spec, args.threads)["result"]
+        if not args.skip_vit:
+            spec = {**vit_throughput, "model": base, "output": str(work / f"out-{len(families)}")}
+            families[base] = run_child("throughput", spec, args.threads)["result"]
+    report["families"] = families
+    report["benchmark_seconds"] = time.perf_counter() - started
+    (work / "benchmark.json").write_text(json.dumps(report, indent=1))
+    if args.families_only:
+        lines = [f"fewclip benchmark ({report['machine']})", "", TABLE_HEADER, TABLE_RULE]
+        for name, result in families.items():
+            lines += throughput_lines(name, result)
+        print("\n".join(lines))
+        return
+    print_report(report, tiny_images)
+
+
+def main_measurements(args, work: Path, throughput: dict, tiny: dict, vit: dict, vit_tp: dict):
+    """The tiny model's throughput, the sweep against the reference sweep and the ViT-B/16 rows."""
+    report = {"tiny": run_child("throughput", throughput, args.threads)["result"]}
     if args.channels_last:
         variant = {**throughput, "channels_last": True, "output": str(work / "tiny-out-cl")}
         report["tiny_channels_last"] = run_child("throughput", variant, args.threads)["result"]
@@ -329,38 +371,17 @@ def main() -> None:
     sweep.update(cache=str(work / "sweep-cache"), output=str(work / "sweep-out"))
     report["sweep"] = run_child("sweep", sweep, args.threads)["result"]
     report["reference_sweep"] = run_child("reference_sweep", sweep, args.threads)["result"]
-    families = {}
-    for name in FAMILY_TWINS if args.families else ():
-        spec = {**throughput, "model": name, "output": str(work / f"out-{name[5:]}")}
-        families[name] = run_child("throughput", spec, args.threads)["result"]
     if not args.skip_vit:
-        vit_root = make_jpeg_dataset(work / "vit-data", 1, 16, 288)
-        vit = {**common, "root": str(vit_root), "model": "ViT-B-16", "batch": 32, "shots": 8}
-        vit.update(steps=args.vit_steps, cache=str(work / "vit-cache"))
         report["vit_model_step"] = run_child("model_step", vit, args.threads)
-        report["vit_toolkit_run"] = run_child(
-            "toolkit_run", {**vit, "output": str(work / "vit-run")}, args.threads
-        )
-        vit_throughput = {**vit, "eval_batch": 32, "eval_images": args.vit_eval_images}
-        vit_throughput.update(repeats=1, output=str(work / "vit-out"))
-        report["vit"] = run_child("throughput", vit_throughput, args.threads)["result"]
-        for name in FAMILY_TWINS if args.families else ():
-            spec = {
-                **vit_throughput,
-                "model": f"{name}-base",
-                "output": str(work / f"out-{name[5:]}-base"),
-            }
-            families[f"{name}-base"] = run_child("throughput", spec, args.threads)["result"]
-    report["families"] = families
-    report["benchmark_seconds"] = time.perf_counter() - started
-    (work / "benchmark.json").write_text(json.dumps(report, indent=1))
-    print_report(report, tiny_images)
+        toolkit_run = {**vit, "output": str(work / "vit-run")}
+        report["vit_toolkit_run"] = run_child("toolkit_run", toolkit_run, args.threads)
+        report["vit"] = run_child("throughput", vit_tp, args.threads)["result"]
+    return report
 
 
 def print_report(report: dict, tiny_images: int) -> None:
     lines = [f"fewclip benchmark ({report['machine']})", ""]
-    lines += ["| model | measure | toolkit | reference | bare model | vs reference | vs bare |"]
-    lines += ["|---|---|---|---|---|---|---|", *throughput_lines("tiny-vit", report["tiny"])]
+    lines += [TABLE_HEADER, TABLE_RULE, *throughput_lines("tiny-vit", report["tiny"])]
     if "tiny_channels_last" in report:
         lines += throughput_lines("tiny-vit channels_last", report["tiny_channels_last"])
     if "vit" in report:
