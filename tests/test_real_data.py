@@ -118,3 +118,24 @@ def test_herlev_to_its_bethesda_view_is_a_cross_row_in_the_report(tmp_path):
     assert cross["class_names"] == ["normal", "lsil", "hsil"] and cross["root"] == root
     _, table = write_report(sweep.root)
     assert "cross:Herlev" in table and "cross:Herlev" in (sweep.root / "summary.csv").read_text()
+
+
+def test_every_method_of_the_methods_sweep_runs_on_real_images_100x_to_400x(tmp_path):
+    """configs/sweeps/methods.yaml (every registered trainer's recipe) on the oral images, trained
+    on 100x and tested on 400x, a few iterations each: every cell completes and every method
+    gets its in-domain and its 400x row."""
+    from fewclip.aggregate import aggregate_folder
+    from fewclip.sweep import build_sweep, run_cells
+
+    opts = ["DATASET.ROOT", str(REAL_DATA), "OUTPUT_DIR", str(tmp_path / "out")]
+    opts += ["CACHE_DIR", str(tmp_path / "cache"), "OPTIM.MAX_ITERS", "3"]
+    sweep = build_sweep(
+        "configs/sweeps/methods.yaml", ["configs/datasets/oral_scc.yaml"], seeds=[1], opts=opts
+    )
+    results = run_cells(sweep.cells, jobs=1)
+    failed = [(r.get("run_dir"), r.get("error")) for r in results if r["status"] != "complete"]
+    assert not failed
+    rows = aggregate_folder(tmp_path / "out")["rows"]
+    recipes = {Path(cell.recipe).stem for cell in sweep.cells}
+    for eval_set in ("in-domain", "target:400x"):
+        assert {row["recipe"] for row in rows if row["eval_set"] == eval_set} == recipes
