@@ -278,15 +278,8 @@ def _run_locked(
             else None
         )
         timings["decode_train_val_seconds"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        fit_report = trainer.fit(train, val, validation_score)
-        timings["train_seconds"] = time.perf_counter() - tick
-        checkpoint = run_dir / "checkpoint.safetensors"
-        state = trainer.checkpoint_state()
-        if state and is_main_process():
-            tmp = checkpoint.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-            tmp.replace(checkpoint)
+        # test and target images before training: an unreadable one stops the run now,
+        # not after it has trained (their rows are views of the store, not copies)
         tick = time.perf_counter()
         test = (
             build_image_set(
@@ -307,6 +300,15 @@ def _run_locked(
             for center, items in split.targets.items()
         }
         timings["decode_test_seconds"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        fit_report = trainer.fit(train, val, validation_score)
+        timings["train_seconds"] = time.perf_counter() - tick
+        checkpoint = run_dir / "checkpoint.safetensors"
+        state = trainer.checkpoint_state()
+        if state and is_main_process():
+            tmp = checkpoint.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            tmp.replace(checkpoint)
         tick = time.perf_counter()
         positives = list(dataset.positive_classes)
         metrics = (

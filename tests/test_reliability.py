@@ -121,3 +121,22 @@ def test_an_image_rewritten_in_place_changes_the_recorded_files_key(
     os.utime(test_image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # its old mtime restored
     again = run("c")
     assert again["sha1"] == first["sha1"] and again["files_key"] != first["files_key"]
+
+
+def test_an_unreadable_test_image_stops_a_run_before_it_trains(fast_opts, image_tree, tmp_path):
+    """Called directly (no sweep preflight), a run still builds its test and target sets before
+    training: the error names the file and no checkpoint was written."""
+    from fewclip.registry import DATASETS
+    from fewclip.splits import build_split
+
+    root = image_tree({"low": 6, "high": 6}, tmp_path / "data")
+    dataset_yaml = tmp_path / "clinic.yaml"
+    dataset_yaml.write_text(f"DATASET:\n  NAME: ImageFolder\n  ROOT: {root}\n")
+    pairs = zip(fast_opts[0::2], fast_opts[1::2])
+    opts = [part for key, value in pairs if "SYNTHETIC" not in key for part in (key, value)]
+    cfg = build_config(RECIPE, dataset_yaml, [*opts, "OPTIM.MAX_ITERS", "2"])
+    broken = build_split(DATASETS.get(cfg.DATASET.NAME)(cfg), cfg).test[0].path
+    Path(broken).write_bytes(b"not an image")
+    results = execute_run(cfg)
+    assert results["status"] == "failed" and broken in results["error"]
+    assert not (resolve_run_dir(cfg) / "checkpoint.safetensors").exists()
