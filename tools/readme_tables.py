@@ -227,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         table = TABLES[name]
         if args.run:
             command = [sys.executable, str(ROOT / "run_shell.py"), "--sweep", table.sweep]
-            subprocess.run([*command, "--jobs", str(args.jobs)], cwd=ROOT, check=False)
+            done = subprocess.run([*command, "--jobs", str(args.jobs)], cwd=ROOT, check=False)
+            if done.returncode not in (0, 1):  # 1: some cells failed, which a table may show
+                raise SystemExit(
+                    f"readme_tables: the sweep {table.sweep} stopped ({done.returncode})"
+                )
         output, recipes = sweep_spec(table.sweep)
         rendered = table.render(output, recipes)
         if args.check:
