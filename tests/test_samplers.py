@@ -116,7 +116,9 @@ def make_toy_trainer(sets_logits: bool) -> _ToyTrainer:
     cfg = get_cfg_defaults()
     cfg.OPTIM.MAX_ITERS = 4
     cfg.TRAINER[_ToyTrainer.config_key()] = _ToyTrainer.config_node()
-    bundle = SimpleNamespace(model=nn.Identity(), mean=(0.5,) * 3, std=(0.5,) * 3, image_size=8)
+    bundle = SimpleNamespace(
+        model=nn.Identity(), mean=(0.5,) * 3, std=(0.5,) * 3, image_size=8, aligned=True
+    )
     dataset = SimpleNamespace(class_names=["a", "b"], prompts=None)
     _ToyTrainer.sets_logits = sets_logits
     return _ToyTrainer(cfg, bundle, dataset, torch.device("cpu"))
