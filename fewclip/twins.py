@@ -11,6 +11,8 @@ demos load it through exactly the path a user's downloaded model takes (no netwo
 - `write_hf_clip_twin(folder)`: PLIP's layout, a Hugging Face CLIPModel folder.
 - `write_resnet_twin(folder)`: an open_clip folder of a ResNet CLIP (RN50's layout, one
   bottleneck per stage, width 8, 64x64 input) with the open_clip text transformer.
+- `write_bert_model(folder)`: a Hugging Face BERT encoder folder of that width, with weights:
+  the text model `fewclip.compose.write_composed_model` takes.
 """
 
 from __future__ import annotations
@@ -40,19 +42,12 @@ def write_bert_tokenizer(folder: Path) -> None:
     BertTokenizer(str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(str(folder))
 
 
-def write_timm_hf_twin(folder: str | Path, embed_dim: int = 32) -> Path:
-    """Write a BiomedCLIP-shaped twin into `folder` (see the module docstring); returns it."""
-    import open_clip
-    from safetensors.torch import save_file
+def tiny_bert_config(tokenizer_folder: Path):
+    """A BERT config (width 32, 2 layers, 2 heads, 64 positions) over the folder's vocabulary."""
     from transformers import BertConfig
 
-    folder = Path(folder)
-    text_folder = folder / "text"
-    text_folder.mkdir(parents=True, exist_ok=True)
-    write_bert_tokenizer(text_folder)
-    write_bert_tokenizer(folder)  # open_clip reads a local folder's tokenizer from the folder
-    vocabulary = (text_folder / "vocab.txt").read_text().split()
-    BertConfig(
+    vocabulary = (tokenizer_folder / "vocab.txt").read_text().split()
+    return BertConfig(
         vocab_size=len(vocabulary),
         hidden_size=32,
         num_hidden_layers=2,
@@ -60,7 +55,34 @@ def write_timm_hf_twin(folder: str | Path, embed_dim: int = 32) -> Path:
         intermediate_size=64,
         max_position_embeddings=64,
         pad_token_id=0,
-    ).save_pretrained(str(text_folder))
+    )
+
+
+def write_bert_model(folder: str | Path) -> Path:
+    """A tiny Hugging Face BERT encoder folder (config.json, model.safetensors, tokenizer) with
+    seeded random weights: a stand-in for a pretrained text model (fewclip.compose)."""
+    from transformers import BertModel
+
+    folder = Path(folder)
+    write_bert_tokenizer(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TWIN_SEED)
+        model = BertModel(tiny_bert_config(folder), add_pooling_layer=False)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def write_timm_hf_twin(folder: str | Path, embed_dim: int = 32) -> Path:
+    """Write a BiomedCLIP-shaped twin into `folder` (see the module docstring); returns it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    text_folder = folder / "text"
+    text_folder.mkdir(parents=True, exist_ok=True)
+    write_bert_tokenizer(text_folder)
+    write_bert_tokenizer(folder)  # open_clip reads a local folder's tokenizer from the folder
+    tiny_bert_config(text_folder).save_pretrained(str(text_folder))
     config = {
         "model_cfg": {
             "embed_dim": embed_dim,
