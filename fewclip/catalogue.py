@@ -58,7 +58,7 @@ FAMILIES = (
         "composed timm CNN + HF text (unaligned)",
         False,
         False,
-        "text tower as HF BERT; image tower: the timm model's attention Linears if it has any",
+        "text tower as HF BERT (LORA.ENCODER text); a CNN image tower has no Linear to adapt",
         "",
     ),
     FamilyEntry(

@@ -8,6 +8,8 @@ for the width of `model.encode_image`. Supported towers:
   split into q_proj, k_proj, v_proj, out_proj by fewclip.attention;
 - open_clip `TimmModel` with a timm ViT trunk (BiomedCLIP's image tower), its fused `qkv`
   split into q_proj, k_proj, v_proj and `proj` as out;
+- open_clip `TimmModel` with a convolutional timm trunk (no Linear layer: EfficientNet, ResNet;
+  fewclip.compose): no LoRA targets, so LoRA goes on the text tower only (`LORA.ENCODER text`);
 - open_clip `HFTextEncoder` with a BERT-style encoder (BiomedCLIP's PubMedBERT): `query`,
   `key`, `value`, `attention.output.dense`;
 - open_clip `ModifiedResNet` (OpenAI RN50): LoRA on the attention pool's q_proj, k_proj,
@@ -30,7 +32,7 @@ LORA_TARGET_NAMES = ("q", "k", "v", "out", "mlp")
 class Tower:
     """One encoder of a model: where its blocks are and the Linear each LoRA target names."""
 
-    kind: str  # "open_clip-vit", "open_clip-text", "timm-vit", "hf-bert"
+    kind: str  # "open_clip-vit", "open_clip-text", "timm-vit", "timm-cnn", "hf-bert"
     blocks: str  # full name of the ModuleList of blocks; "" = targets are full names (no blocks)
     targets: dict[str, tuple[str, ...]]  # LORA.TARGETS name -> module names inside one block
 
@@ -119,9 +121,14 @@ def _vision_tower(visual: nn.Module, prefix: str) -> Tower:
     if isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks):
         if hasattr(getattr(blocks[0], "attn", None), "proj"):
             return Tower("timm-vit", f"{prefix}{trunk_prefix}blocks", TIMM_VIT_TARGETS)
+    if isinstance(visual, TimmModel) and not any(
+        isinstance(module, nn.Linear) for module in visual.trunk.modules()
+    ):
+        return Tower("timm-cnn", "", {})  # LoRA adapts Linear layers: a CNN trunk has none
     raise ValueError(
         f"unsupported image tower {type(visual).__name__}: fewclip supports open_clip ViTs and"
-        " ResNets, timm ViTs and Hugging Face CLIP vision towers (see fewclip/families.py)"
+        " ResNets, timm ViTs and CNNs and Hugging Face CLIP vision towers (see"
+        " fewclip/families.py)"
     )
 
 

@@ -65,7 +65,7 @@ def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[s
         if lacking:
             raise ValueError(
                 f"LORA.TARGETS {lacking}: the {encoder} tower ({tower.kind}) has no such layers"
-                f" (it has {', '.join(tower.targets)})"
+                f" (it has {', '.join(tower.targets) or 'none: use LORA.ENCODER text'})"
             )
         prefix = tower.blocks
         if not prefix:  # one attention layer, no blocks (the ResNet attention pool)

@@ -12,6 +12,9 @@ demos load it through exactly the path a user's downloaded model takes (no netwo
 - `write_resnet_twin(folder)`: an open_clip folder of a ResNet CLIP (RN50's layout, one
   bottleneck per stage, width 8, 64x64 input) with the open_clip text transformer.
 
+- `write_bert_model(folder)`: a Hugging Face BERT encoder folder of that width, with weights:
+  the text model `fewclip.compose.write_composed_model` takes.
+
 MODEL.NAME "twin:timm-hf" / "twin:hf-clip" / "twin:resnet" writes the twin once into the user
 cache (`ensure_twin`) and loads it from there like any local folder: sweeps and the demo run
 every family by name.
@@ -83,28 +86,48 @@ RESNET_SIZES = {
 }  # fmt: skip
 
 
-def write_timm_hf_twin(folder: str | Path, size: str = "tiny") -> Path:
-    """Write a BiomedCLIP-shaped twin into `folder` (see the module docstring); returns it."""
-    shape = TIMM_HF_SIZES[size]
-    import open_clip
-    from safetensors.torch import save_file
+def bert_config(tokenizer_folder: Path, shape: dict):
+    """A BERT config of a TIMM_HF_SIZES shape over the tokenizer folder's vocabulary."""
     from transformers import BertConfig
 
+    vocabulary = (tokenizer_folder / "vocab.txt").read_text().split()
+    return BertConfig(
+        vocab_size=len(vocabulary),
+        hidden_size=shape["width"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        intermediate_size=(2 if shape["width"] < 256 else 4) * shape["width"],
+        max_position_embeddings=max(64, shape["context"]),
+        pad_token_id=0,
+    )
+
+
+def write_bert_model(folder: str | Path) -> Path:
+    """A tiny Hugging Face BERT encoder folder (config.json, model.safetensors, tokenizer) with
+    seeded random weights: a stand-in for a pretrained text model (fewclip.compose)."""
+    from transformers import BertModel
+
+    folder = Path(folder)
+    write_bert_tokenizer(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TWIN_SEED)
+        model = BertModel(bert_config(folder, TIMM_HF_SIZES["tiny"]), add_pooling_layer=False)
+    model.save_pretrained(str(folder))
+    return folder
+
+
+def write_timm_hf_twin(folder: str | Path, size: str = "tiny") -> Path:
+    """Write a BiomedCLIP-shaped twin into `folder` (see the module docstring); returns it."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    shape = TIMM_HF_SIZES[size]
     folder = Path(folder)
     text_folder = folder / "text"
     text_folder.mkdir(parents=True, exist_ok=True)
     write_bert_tokenizer(text_folder)
     write_bert_tokenizer(folder)  # open_clip reads a local folder's tokenizer from the folder
-    vocabulary = (text_folder / "vocab.txt").read_text().split()
-    BertConfig(
-        vocab_size=len(vocabulary),
-        hidden_size=shape["width"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        intermediate_size=2 * shape["width"] if size == "tiny" else 4 * shape["width"],
-        max_position_embeddings=max(64, shape["context"]),
-        pad_token_id=0,
-    ).save_pretrained(str(text_folder))
+    bert_config(text_folder, shape).save_pretrained(str(text_folder))
     config = {
         "model_cfg": {
             "embed_dim": shape["embed"],
