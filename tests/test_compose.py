@@ -109,7 +109,6 @@ def test_lora_goes_on_the_text_tower_of_a_cnn_image_tower(composed):
 @pytest.mark.parametrize(
     ("trainer_name", "extra"),
     [
-        ("ZeroShotCLIP", []),
         ("LinearProbe", []),
         ("ViTTeacher", []),  # the CervixFM probe: fixed features of the visual tower
         ("ViTTeacher", ["TRAINER.VITTEACHER.MODE", "finetune"]),
@@ -120,6 +119,12 @@ def test_trainers_run_on_the_composed_model(trainer_name, extra, composed, fast_
     opts = [*fast_opts, "MODEL.NAME", f"local-dir:{composed}", "OPTIM.MAX_ITERS", "2", *extra]
     dataset, trainer, train, val, test = build_trainer(trainer_name, opts)
     check_trainer_contract(trainer_name, trainer, dataset, train, val, test)
+
+
+def test_zero_shot_refuses_the_unaligned_composed_model(composed, fast_opts):
+    opts = [*fast_opts, "MODEL.NAME", f"local-dir:{composed}"]
+    with pytest.raises(ValueError, match="ZeroShotCLIP classifies .* not aligned"):
+        build_trainer("ZeroShotCLIP", opts)
 
 
 def test_bad_normalisation_context_or_weights_are_one_line_errors(sources, tmp_path):
