@@ -75,7 +75,15 @@ def start_sweep(tmp_path: Path, cache: Path, seeds: list[int], blocked: list[int
     command += ["--recipe", ZEROSHOT, "--jobs", "2", *opts]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # a test run started in the background inherits SIGINT ignored (POSIX, for background
+        # jobs), and Python keeps it so: the sweep must see Ctrl-C as a user's terminal sends it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     return process, out
 
