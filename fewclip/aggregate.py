@@ -55,11 +55,13 @@ def summarise_values(values: list[float]) -> dict[str, float | int | None]:
     n = len(values)
     if n == 0:
         return {"mean": None, "std": None, "ci95": None, "n": 0}
+    mean = float(np.mean(values))
+    if n == 1:
+        return {"mean": mean, "std": 0.0, "ci95": None, "n": 1}
     from scipy import stats  # here, not at the top: `fewclip --help` imports this module
 
-    mean = float(np.mean(values))
-    std = float(np.std(values, ddof=1)) if n > 1 else 0.0
-    ci = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else None
+    std = float(np.std(values, ddof=1))
+    ci = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
     return {"mean": mean, "std": std, "ci95": ci, "n": n}
 
 

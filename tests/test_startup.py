@@ -53,7 +53,13 @@ print(json.dumps(steps))
 @pytest.fixture(scope="module")
 def steps(tmp_path_factory) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("startup")
-    (folder / "empty").mkdir()
+    run = folder / "empty" / "Data" / "ZeroShotCLIP" / "r" / "shots_1" / "seed_1"
+    run.mkdir(parents=True)  # one finished cell: --aggregate has something to read
+    config = {"DATASET": {"NAME": "Data", "NUM_SHOTS": 1}, "TRAINER": {"NAME": "ZeroShotCLIP"}}
+    config.update(RECIPE="r", SEED=1)
+    metrics = {"test": {"accuracy": 0.5, "balanced_accuracy": 0.5}}
+    results = {"status": "complete", "config": config, "metrics": metrics}
+    (run / "results.json").write_text(json.dumps(results))
     code = PROBE.format(heavy=HEAVY, empty=str(folder / "empty"), output=str(folder / "out"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
