@@ -131,6 +131,7 @@ class TrainerBase(abc.ABC):
             param.requires_grad_(False)
         self.report: dict[str, Any] = {}
         self.run_dir = None  # set by the run: where the training state and TensorBoard log go
+        self.checked_levels: set[str] = set()  # prompt levels checked for truncation
         self.check_alignment()
         self.build()
         self.network.to(device)
@@ -217,9 +218,8 @@ class TrainerBase(abc.ABC):
     def checked_texts(self, texts: list[list[str]], level: str) -> list[list[str]]:
         """`texts` per class; once per level, a warning names each class whose texts the text
         tower truncates."""
-        checked = self.__dict__.setdefault("_checked_levels", set())
-        if level not in checked:
-            checked.add(level)
+        if level not in self.checked_levels:
+            self.checked_levels.add(level)
             warn_truncated(self.bundle.tokenizer, texts, self.class_names, level)
         return texts
 

@@ -38,6 +38,21 @@ def model_cfg(name: str) -> CfgNode:
     return CfgNode({"NAME": name, "PRETRAINED": "", "HF_HUB": ""})
 
 
+def assert_merged_equals_unmerged(model, images: torch.Tensor) -> torch.Tensor:
+    """Give every LoRA B random values, merge, and check the image features do not change;
+    returns the unmerged features."""
+    model.eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.1)
+        unmerged = model.encode_image(images)
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), unmerged, atol=1e-5, rtol=0)
+    return unmerged
+
+
 def lora_cfg(**keys) -> CfgNode:
     node = get_cfg_defaults().LORA.clone()
     for key, value in keys.items():
@@ -236,15 +251,7 @@ def test_lora_on_the_hf_clip_twin_targets_its_projections(hf_clip_twin):
     assert len(adapted) == 2 * 2 * 4
     assert "visual.vision_model.encoder.layers.1.self_attn.out_proj" in adapted
     assert "text.text_model.encoder.layers.0.self_attn.k_proj" in adapted
-    model.eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_B." in name:
-                parameter.normal_(0, 0.1)
-        unmerged = model.encode_image(images)
-    merge_lora(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), unmerged, atol=1e-5, rtol=0)
+    assert_merged_equals_unmerged(model, images)
 
 
 def test_hf_clip_checkpoint_of_another_size_names_the_mismatched_keys(hf_clip_twin, tmp_path):
@@ -291,16 +298,8 @@ def test_lora_on_the_resnet_twin_adapts_its_attention_pool(resnet_twin):
     names = apply_lora(model, lora_cfg(TARGETS=["q", "k", "v", "out"]))
     adapted = sorted({name.split(".lora_")[0] for name in names})
     assert adapted == [f"visual.attnpool.{n}_proj" for n in ("c", "k", "q", "v")]
-    model.eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if ".lora_B." in name:
-                parameter.normal_(0, 0.1)
-        unmerged = model.encode_image(images)
+    unmerged = assert_merged_equals_unmerged(model, images)
     assert not torch.allclose(unmerged, before)  # the LoRA layers are on the forward path
-    merge_lora(model)
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), unmerged, atol=1e-5, rtol=0)
 
 
 # ----- every registered trainer on the twin --------------------------------------------------

@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fewclip.aggregate import aggregate_folder, collect_results, eval_sets
 
-from fewclip.aggregate import aggregate_folder, collect_results, eval_sets  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 METRIC = "balanced_accuracy"
 NUMBER = re.compile(r"^-?\d+(\.\d+)?( ± (-?\d+(\.\d+)?|n/a))?$")
