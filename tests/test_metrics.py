@@ -197,3 +197,58 @@ def test_metrics_by_center():
     assert by_center["site_b"] == expected
     with pytest.raises(ValueError, match="centers have 2 entries but labels have 6"):
         compute_metrics_by_center(PROBABILITIES, LABELS, ["a", "b"], CLASS_NAMES)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+@pytest.mark.parametrize("case", range(12))
+def test_metrics_equal_scikit_learn(case):
+    """The numpy formulas give scikit-learn's values: random sizes, tied scores (rounded
+    probabilities), classes absent from the labels and never predicted, 2 and 5 classes."""
+    from sklearn import metrics as reference
+
+    generator = np.random.default_rng(case)
+    num_classes = 2 if case % 3 == 0 else 5
+    size = int(generator.integers(4, 60))
+    logits = generator.normal(size=(size, num_classes)) * (1 + case % 4)
+    probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    if case % 2:
+        probabilities = np.round(probabilities, 1) + 1e-9  # many ties
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+    labels = generator.integers(0, num_classes - (case % 4 == 1), size=size)  # maybe one absent
+    labels[:2] = [0, 1]
+    names = [f"class{c}" for c in range(num_classes)]
+    metrics = compute_metrics(probabilities, labels, names, positive_classes=["class1"])
+    predictions, class_ids = probabilities.argmax(axis=1), list(range(num_classes))
+    precision, recall, f1, support = reference.precision_recall_fscore_support(
+        labels, predictions, labels=class_ids, zero_division=0
+    )
+    present = np.unique(labels)
+    if num_classes == 2:
+        auroc = reference.roc_auc_score(labels, probabilities[:, 1])
+    else:
+        auroc = np.mean(
+            [reference.roc_auc_score(labels == c, probabilities[:, c]) for c in present]
+        )
+    expected = {
+        "balanced_accuracy": reference.balanced_accuracy_score(labels, predictions),
+        "macro_precision": np.mean(precision),
+        "macro_recall": np.mean(recall),
+        "macro_f1": np.mean(f1),
+        "auroc": auroc,
+        "kappa": reference.cohen_kappa_score(labels, predictions, labels=class_ids),
+        "mcc": reference.matthews_corrcoef(labels, predictions),
+    }
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+    assert (
+        metrics["confusion_matrix"]
+        == reference.confusion_matrix(labels, predictions, labels=class_ids).tolist()
+    )
+    for c, name in enumerate(names):
+        assert [metrics["per_class"][name][key] for key in ("precision", "recall", "f1")] == (
+            pytest.approx([precision[c], recall[c], f1[c]], abs=1e-12)
+        )
+    truth = labels == 1
+    assert metrics["binary"]["auroc"] == pytest.approx(
+        reference.roc_auc_score(truth, probabilities[:, 1]), abs=1e-12
+    )
