@@ -12,7 +12,8 @@
     python run_shell.py --report output/method --compare output/baseline   # report + paired test
 
 Flags are actions; values go through trailing `KEY VALUE` opts (see README for the keys).
-A sweep ends with summary.md/csv, figures and report.md in its folder (OUTPUT_DIR).
+A sweep ends with summary.md/csv, figures and report.md in its folder (OUTPUT_DIR); a one-cell
+command with summary.md/csv (`--report FOLDER` draws its figures later).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from pathlib import Path
 
 # Only light modules at the top: importing this module and `--help` never import torch, and
 # `--dry-run` or a config error never import open_clip, peft, scipy or matplotlib (test_startup.py).
-from fewclip.aggregate import PRIMARY_METRIC, write_summary
+from fewclip.aggregate import DEFAULT_METRICS, PRIMARY_METRIC, write_summary
 from fewclip.config import OPT_KEY, ConfigError
 from fewclip.launchers import LAUNCHERS
 from fewclip.registry import RegistryError, load_installed_plugins
+from fewclip.threads import choose_wait_policy
 
 # The project folder of an editable install (pip install -e .): configs/ lives beside fewclip/.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -117,6 +119,7 @@ def run(argv: list[str] | None = None) -> int:
         path, table = write_report(args.report, primary=args.metric, compare_with=args.compare)
         print(f"{table}\n\nreport: {path}")
         return 0
+    choose_wait_policy()  # before the plugins import torch: passive OpenMP waits on busy CPUs
     load_installed_plugins()  # the built-in datasets and trainers, and installed plugin packages
     if args.list_models:
         from fewclip.catalogue import describe_models
@@ -160,10 +163,7 @@ def run(argv: list[str] | None = None) -> int:
         try:
             results = run_cells(cells, jobs=args.jobs)
         except KeyboardInterrupt:  # finished cells are saved; summarise them, then stop
-            from fewclip.report import write_report
-
-            path, table = write_report(sweep.root, primary=args.metric, compare_with=args.compare)
-            print(f"{table}\n\nsummary: {sweep.root / 'summary.md'}, report: {path}")
+            print(finish(sweep.root, len(sweep.cells), args))
             print("interrupted: the summary holds the complete cells; rerun the same command to "
                   "run the rest (interrupted runs resume from their training state)")  # fmt: skip
             return 130
@@ -183,12 +183,29 @@ def run(argv: list[str] | None = None) -> int:
         results = wait_for_jobs(jobs)
     if not distributed.is_main_process():
         return 0
-    from fewclip.report import write_report  # matplotlib and scipy: only once cells have run
-
-    path, table = write_report(sweep.root, primary=args.metric, compare_with=args.compare)
-    print(f"{table}\n\nsummary: {sweep.root / 'summary.md'}, report: {path}")
+    print(finish(sweep.root, len(sweep.cells), args))
     failed = [r for r in results if r.get("status") not in ("complete", "locked")]
     return 1 if failed else 0
+
+
+def finish(root: Path, cells: int, args: argparse.Namespace) -> str:
+    """Summarise a finished command's folder: the table, and where its files are.
+
+    A sweep writes summary.md/csv, figures and report.md. A one-cell command writes the summary
+    only: drawing its confusion matrices and reliability diagram (matplotlib) was about 2 s of a
+    tiny run's 14, for files `fewclip --report` makes later at the same cost. `--compare` always
+    writes the report, since the comparison is in it.
+    """
+    if cells == 1 and args.compare is None:
+        tables = write_summary(root, tuple(dict.fromkeys((args.metric, *DEFAULT_METRICS))))
+        return (
+            f"{tables['terminal']}\n\nsummary: {root / 'summary.md'} "
+            f"(figures and report: fewclip --report {root})"
+        )
+    from fewclip.report import write_report  # matplotlib and scipy: only once cells have run
+
+    path, table = write_report(root, primary=args.metric, compare_with=args.compare)
+    return f"{table}\n\nsummary: {root / 'summary.md'}, report: {path}"
 
 
 def main(argv: list[str] | None = None) -> int:

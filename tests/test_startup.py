@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 HEAVY = (
     "torch", "open_clip", "peft", "scipy", "matplotlib", "torch.utils.tensorboard", "tensorboard",
-    "sklearn", "submitit", "timm", "transformers",
+    "sklearn", "submitit", "timm", "transformers", "scipy.stats",
 )  # fmt: skip
 TORCH_SIDE = tuple(name for name in HEAVY if name != "torch")
 
@@ -46,6 +46,7 @@ step("help", ["--help"])
 step("aggregate", ["--aggregate", {empty!r}])
 step("config_error", ["--dry-run", "OUTPUT_DIR", {output!r}, "NO_SUCH.KEY", "1"])
 step("dry_run", ["--dry-run", "OUTPUT_DIR", {output!r}])
+step("one_run", {one_run!r})
 print(json.dumps(steps))
 """
 
@@ -60,13 +61,22 @@ def steps(tmp_path_factory) -> dict[str, dict]:
     metrics = {"test": {"accuracy": 0.5, "balanced_accuracy": 0.5}}
     results = {"status": "complete", "config": config, "metrics": metrics}
     (run / "results.json").write_text(json.dumps(results))
-    code = PROBE.format(heavy=HEAVY, empty=str(folder / "empty"), output=str(folder / "out"))
+    one_run = [
+        "--recipe", str(ROOT / "configs/trainers/clip_lora.yaml"),
+        "--dataset-config", str(ROOT / "configs/datasets/synthetic.yaml"),
+        "--shots", "1", "--seeds", "1", "MODEL.NAME", "tiny-vit", "OPTIM.ITERS_PER_SHOT", "2",
+        "DATASET.SYNTHETIC.IMAGES_PER_CLASS", "4", "DATASET.SYNTHETIC.IMAGE_SIZE", "32",
+        "OUTPUT_DIR", str(folder / "one"), "CACHE_DIR", str(folder / "cache"),
+    ]  # fmt: skip
+    code = PROBE.format(
+        heavy=HEAVY, empty=str(folder / "empty"), output=str(folder / "out"), one_run=one_run
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "folder": folder}
 
 
 @pytest.mark.parametrize("name", ["import", "help"])
@@ -92,6 +102,20 @@ def test_aggregate_skips_torch_side_modules(steps):
     loaded = steps["aggregate"]["loaded"]
     assert loaded == [], f"aggregate imported {loaded}"
     assert "fewclip_trainers" not in steps["aggregate"]["plugins"]
+
+
+def test_one_run_skips_report_libraries(steps):
+    """A one-cell command trains and evaluates without scikit-learn, scipy.stats or matplotlib
+    (the metrics are numpy; the figures and report are left to `--report`), and says so. (Part
+    of scipy comes with peft, through transformers.)"""
+    assert steps["one_run"]["status"] == 0, steps["one_run"]["out"]
+    report_side = ("sklearn", "scipy.stats", "matplotlib", "tensorboard", "submitit")
+    loaded = [module for module in steps["one_run"]["loaded"] if module in report_side]
+    assert loaded == [], f"a one-cell run imported {loaded}"
+    assert "peft" in steps["one_run"]["loaded"]  # the probe did train a LoRA
+    folder = steps["folder"] / "one"
+    assert (folder / "summary.md").is_file() and not (folder / "report.md").exists()
+    assert f"(figures and report: fewclip --report {folder})" in steps["one_run"]["out"]
 
 
 def test_dry_run_lists_the_demo_cells(steps):
