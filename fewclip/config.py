@@ -63,6 +63,8 @@ RANGES = {
     "OPTIM.ITERS_PER_SHOT": (0, True, None, False),
     "OPTIM.MAX_ITERS": (0, True, None, False),
     "OPTIM.GRAD_CLIP": (0.0, True, None, False),
+    "OPTIM.COSINE_ITERS": (0, True, None, False),
+    "OPTIM.EARLY_STOP_EPOCHS": (0, True, None, False),
     "EVAL.BATCH_SIZE": (1, True, None, False),
     "EVAL.ECE_BINS": (1, True, None, False),
     "DATASET.NUM_SHOTS": (0, True, None, False),

@@ -96,6 +96,14 @@ def get_cfg_defaults() -> CfgNode:
     cfg.OPTIM.MAX_ITERS = 0  # if > 0, overrides ITERS_PER_SHOT
     cfg.OPTIM.BATCH_SIZE = 32  # training batch size
     cfg.OPTIM.GRAD_CLIP = 0.0  # max gradient norm; 0 = off
+    # the cosine's length in iterations after the warm-up; 0 = all of them. Shorter: past it the
+    # lr rises again along the cosine, as torch's CosineAnnealingLR does past T_max
+    cfg.OPTIM.COSINE_ITERS = 0
+    cfg.OPTIM.DECAY_ALL = False  # True: the shared AdamW decays biases, norms and scales too
+    # > 0: stop when the epoch-mean training loss has not fallen below its best for this many
+    # epochs in a row (an epoch = ceil(N / batch) iterations); 0 = off. COSINE_ITERS and this
+    # act in the shared loop (TrainerBase.fit), not in trainers with their own (LP++, CLAP, ...)
+    cfg.OPTIM.EARLY_STOP_EPOCHS = 0
 
     cfg.EVAL = CfgNode()
     cfg.EVAL.BATCH_SIZE = 256  # evaluation batch size

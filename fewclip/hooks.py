@@ -8,7 +8,7 @@ own the rest, each at the points it needs, in the order `build_hooks` lists them
     before_forward torchrun: keep this process's part of the global batch
     after_forward  torchrun: the global loss of the step (for the divergence check)
     after_backward torchrun: average the gradients over processes
-    after_step     sampler feedback, logs, validation and selection, the training state
+    after_step     early stopping, sampler feedback, logs, validation and selection, the state
     on_fit_end     close the logs, drop the training state, select the weights, report
 
 A hook reads and writes the shared `FitContext`; the loop never branches on what a hook does.
@@ -53,6 +53,7 @@ class FitContext:
     batches: BatchStream
     params: list[torch.nn.Parameter]
     total: int  # number of steps
+    epoch_steps: int = 1  # steps of one pass over the training set, ceil(N / batch)
     first_step: int = 0  # > 0 when resumed from a training state
     step: int = 0  # the current step (0-based)
     images: torch.Tensor | None = None  # the step's (B, 3, H, W) input, this process's part
@@ -66,10 +67,16 @@ class FitContext:
         default_factory=lambda: {"score": -math.inf, "state": None, "step": None}
     )
     history: list[dict[str, Any]] = field(default_factory=list)
+    # OPTIM.EARLY_STOP_EPOCHS: the best epoch-mean loss (None: no epoch yet), epochs since it,
+    # and the running sum and step count of the current epoch
+    early_stop: dict[str, Any] = field(
+        default_factory=lambda: {"best": None, "stale": 0, "sum": 0.0, "steps": 0}
+    )
+    stop: bool = False  # set by a hook in after_step: this step is the last
 
     @property
     def last(self) -> bool:
-        return self.step == self.total - 1
+        return self.step == self.total - 1 or self.stop
 
 
 class Hook:
@@ -90,12 +97,22 @@ class Hook:
     def on_fit_end(self, ctx: FitContext, report: dict[str, Any]) -> None: ...
 
 
-def compute_lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up then cosine from 1 to `min_ratio` over the remaining steps (per iteration)."""
+def compute_lr_factor(
+    step: int, total: int, warmup: int, min_ratio: float, period: int = 0
+) -> float:
+    """Linear warm-up then cosine from 1 to `min_ratio` over the remaining steps (per iteration).
+
+    period > 0: the cosine reaches `min_ratio` after `period` steps past the warm-up and, when
+    the run is longer, rises again along the same cosine: torch's CosineAnnealingLR with
+    T_max = period, whose closed form its recursive update follows past T_max too.
+    """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if period > 0:
+        progress = (step - warmup) / period
+    else:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class LearningRateHook(Hook):
@@ -107,11 +124,45 @@ class LearningRateHook(Hook):
         optim = ctx.trainer.cfg.OPTIM
         min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
         warmup = ctx.trainer.num_warmup_iterations(ctx.total)
-        lr = optim.LR * compute_lr_factor(ctx.step, ctx.total, warmup, min_ratio)
+        period = ctx.trainer.num_cosine_iterations(ctx.total, warmup)
+        lr = optim.LR * compute_lr_factor(ctx.step, ctx.total, warmup, min_ratio, period)
         if ctx.step < warmup and optim.WARMUP_CONSTANT_LR > 0:
             lr = optim.WARMUP_CONSTANT_LR
         for group in ctx.optimizer.param_groups:
             group["lr"] = lr
+
+
+class EarlyStopHook(Hook):
+    """OPTIM.EARLY_STOP_EPOCHS > 0: after each epoch (`epoch_steps` steps) compare its mean
+    training loss with the best so far; once that many epochs in a row have not fallen below the
+    best, this step is the last (CervixFM downstream/utils/train.py:141-166). The loss is the
+    global one, so every torchrun process stops at the same step. Runs first in after_step, so
+    validation and the training state see `ctx.last`."""
+
+    def after_step(self, ctx: FitContext) -> None:
+        patience = ctx.trainer.cfg.OPTIM.EARLY_STOP_EPOCHS
+        if not patience:
+            return
+        state = ctx.early_stop
+        state["sum"] += float(ctx.global_loss.detach())
+        state["steps"] += 1
+        if state["steps"] < ctx.epoch_steps:
+            return
+        mean = state["sum"] / state["steps"]
+        state["sum"], state["steps"] = 0.0, 0
+        if state["best"] is None or mean < state["best"]:
+            state["best"], state["stale"] = mean, 0
+            return
+        state["stale"] += 1
+        if state["stale"] >= patience and not ctx.last:
+            ctx.stop = True
+            LOGGER.info(
+                "early stop after step %d: the epoch-mean training loss has not improved on "
+                "%.6g for %d epochs (OPTIM.EARLY_STOP_EPOCHS)",
+                ctx.step + 1,
+                state["best"],
+                patience,
+            )
 
 
 class DistributedHook(Hook):
@@ -210,6 +261,7 @@ class TrainingStateHook(Hook):
         trainer.generator.set_state(payload["generator"])
         restore_rng(payload["rng"])
         ctx.first_step, ctx.best, ctx.history = payload["step"], payload["best"], payload["history"]
+        ctx.early_stop = payload.get("early_stop", ctx.early_stop)
         LOGGER.info("resuming %s from step %d", self.path.parent, ctx.first_step)
 
     def after_step(self, ctx: FitContext) -> None:
@@ -227,6 +279,7 @@ class TrainingStateHook(Hook):
             "rng": capture_rng(),
             "best": ctx.best,
             "history": ctx.history,
+            "early_stop": ctx.early_stop,
         }
         save_training_state(self.path, payload)
 
@@ -234,6 +287,7 @@ class TrainingStateHook(Hook):
         if self.path is not None and distributed.is_main_process():
             self.path.unlink(missing_ok=True)
         report["resumed_from_step"] = ctx.first_step
+        report["stopped_early"] = ctx.stop
 
 
 class ScalarLogHook(Hook):
@@ -280,6 +334,7 @@ def build_hooks(trainer: Any) -> list[Hook]:
     cfg = trainer.cfg
     return [
         LearningRateHook(),
+        EarlyStopHook(),
         SamplerFeedbackHook(),
         ValidationHook(),
         TrainingStateHook(trainer.run_dir, cfg.CHECKPOINT.EVERY),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,15 +73,18 @@ class ImageSet:
         return len(self.labels)
 
 
-def build_param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
-    """AdamW groups: matrices decay; biases, norms, scales, prototypes' temperature do not."""
+def build_param_groups(
+    named: list[tuple[str, nn.Parameter]], weight_decay: float, decay_all: bool = False
+) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norms, scales, prototypes' temperature do not,
+    unless `decay_all` (OPTIM.DECAY_ALL: one group, as an optimiser over `model.parameters()`)."""
     decay, no_decay, seen = [], [], set()
     for name, param in named:
         if id(param) in seen:  # a parameter shared by two modules goes in once
             continue
         seen.add(id(param))
         skip = param.ndim < 2 or "logit_scale" in name or name.endswith(".bias") or "norm" in name
-        (no_decay if skip else decay).append(param)
+        (no_decay if skip and not decay_all else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -282,13 +286,19 @@ class TrainerBase(abc.ABC):
         """AdamW over the trainable parameters (OPTIM.LR, OPTIM.WEIGHT_DECAY); a method whose
         source uses another optimiser (CoOp's SGD) overrides this."""
         optim = self.cfg.OPTIM
-        return torch.optim.AdamW(build_param_groups(named, optim.WEIGHT_DECAY), lr=optim.LR)
+        groups = build_param_groups(named, optim.WEIGHT_DECAY, optim.DECAY_ALL)
+        return torch.optim.AdamW(groups, lr=optim.LR)
 
     def num_warmup_iterations(self, total: int) -> int:
         """Warm-up steps of the schedule: OPTIM.WARMUP_ITERS, else OPTIM.WARMUP_FRACTION x total
         (epoch-based methods override it with one epoch's steps)."""
         optim = self.cfg.OPTIM
         return optim.WARMUP_ITERS or round(optim.WARMUP_FRACTION * total)
+
+    def num_cosine_iterations(self, total: int, warmup: int) -> int:
+        """The cosine's length after the warm-up: OPTIM.COSINE_ITERS, else every remaining step
+        (a method whose source sets its own T_max overrides this)."""
+        return self.cfg.OPTIM.COSINE_ITERS or max(1, total - warmup)
 
     def build_sampler(self, train: ImageSet):
         name = self.node.get("SAMPLER", "uniform") if self.node is not None else "uniform"
@@ -314,6 +324,7 @@ class TrainerBase(abc.ABC):
             batches=BatchStream(self.build_sampler(train), batch_size),
             params=[p for _, p in named],
             total=self.num_iterations(),
+            epoch_steps=math.ceil(len(train) / batch_size),
         )
         loop_hooks = hooks.build_hooks(self)
         # decoded once, held for the whole fit (on the GPU when it fits): no per-step reads
@@ -353,8 +364,10 @@ class TrainerBase(abc.ABC):
             ctx.optimizer.step()
             for hook in loop_hooks:
                 hook.after_step(ctx)
+            if ctx.stop:
+                break
         self.network.eval()
-        report = {"iterations": ctx.total, "final_loss": float(ctx.global_loss)}
+        report = {"iterations": ctx.step + 1, "final_loss": float(ctx.global_loss)}
         for hook in loop_hooks:
             hook.on_fit_end(ctx, report)
         return report

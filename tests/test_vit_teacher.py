@@ -16,6 +16,7 @@ import torch
 
 from fewclip.backbones import build_clip
 from fewclip.config import build_config
+from fewclip.hooks import EarlyStopHook, FitContext, LearningRateHook
 from fewclip.registry import DATASETS
 from fewclip.run import execute_run
 from fewclip.splits import SplitError, build_split, draw_split, split_file_path
@@ -237,6 +238,88 @@ def test_probe_recipe_is_the_released_code():
         10,
     ]
     assert cfg.EVAL.RETRIEVAL_NORMALISE == "centre_then_normalise"
+    # CDetector_train.py:66 T_max, :58 AdamW over the whole head, train.py:86 patience 100
+    assert node.SOURCE_T_MAX and optim.DECAY_ALL and optim.EARLY_STOP_EPOCHS == 100
+
+
+def test_source_t_max_gives_torchs_cosine_past_its_minimum(fast_opts):
+    """SOURCE_T_MAX: T_max = EPOCHS x N // BATCH_SIZE (10 images, 20 epochs, batch 64: 3) while
+    the run takes 20 steps; the lr of every step equals torch's CosineAnnealingLR stepped after
+    each optimiser step, which passes 1e-6 at step 3 and rises again."""
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "0", "OPTIM.BATCH_SIZE", "64"]
+    trainer = build_trainer(*opts, "TRAINER.VITTEACHER.EPOCHS", "20", recipe=PROBE)
+    trainer.prepare(tiny_train_set(10))
+    total = trainer.num_iterations()
+    assert (total, trainer.num_cosine_iterations(total, 0)) == (20, 3)
+    group = {"lr": 0.0}
+    ctx = SimpleNamespace(
+        trainer=trainer, total=total, optimizer=SimpleNamespace(param_groups=[group])
+    )
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(reference_optimizer, 3, eta_min=1e-6)
+    ours, torchs = [], []
+    for step in range(total):
+        ctx.step = step
+        LearningRateHook().before_step(ctx)
+        ours.append(group["lr"])
+        torchs.append(reference_optimizer.param_groups[0]["lr"])
+        reference_optimizer.step()
+        scheduler.step()
+    assert ours == pytest.approx(torchs, rel=1e-9, abs=1e-15)
+    assert ours[3] == pytest.approx(1e-6) and ours[6] == pytest.approx(1e-3)  # up again
+    source_off = ["TRAINER.VITTEACHER.SOURCE_T_MAX", "False"]
+    plain = build_trainer(*opts, "TRAINER.VITTEACHER.EPOCHS", "20", *source_off, recipe=PROBE)
+    plain.prepare(tiny_train_set(10))
+    assert plain.num_cosine_iterations(20, 0) == 20  # one half cosine over the run
+
+
+def test_decay_all_puts_the_heads_bias_under_weight_decay(fast_opts):
+    trainer = build_trainer(*fast_opts, recipe=PROBE)
+    (group,) = trainer.build_optimizer(trainer.trainable_named_parameters()).param_groups
+    assert group["weight_decay"] == 1e-4 and len(group["params"]) == 2  # head weight and bias
+    default = build_trainer(*fast_opts, "OPTIM.DECAY_ALL", "False", recipe=PROBE)
+    groups = default.build_optimizer(default.trainable_named_parameters()).param_groups
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(1, 1e-4), (1, 0.0)]
+
+
+def test_early_stop_ends_the_loop_after_patience_epochs_without_a_lower_mean_loss(
+    fast_opts, monkeypatch
+):
+    """Scripted losses, one step per epoch (3 images, batch 3): best 0.9 at epoch 2, then two
+    epochs that do not go below it -> the loop stops after step 4 of 30, validates there, and
+    the report says so."""
+    opts = [*fast_opts, "OPTIM.MAX_ITERS", "30", "OPTIM.EARLY_STOP_EPOCHS", "2"]
+    trainer = build_trainer(*opts, recipe=PROBE)
+    losses = iter([1.0, 0.9, 0.95, 0.9, 0.5, 0.4])
+
+    def scripted(images, labels, indices):
+        anchor = sum(p.sum() for _, p in trainer.trainable_named_parameters()) * 0.0
+        return {"ce": anchor + next(losses)}
+
+    monkeypatch.setattr(trainer, "compute_losses", scripted)
+    scores = []
+    report = trainer.fit(
+        tiny_train_set(3), tiny_train_set(3), lambda t, data: scores.append(1) or 0.5
+    )
+    assert report["iterations"] == 4 and report["stopped_early"] is True
+    assert report["final_loss"] == pytest.approx(0.9)
+    assert [entry["step"] for entry in report["val_history"]] == [4] and scores == [1]
+
+
+def test_early_stop_counts_epoch_means():
+    """Two steps per epoch: the epoch means 1.0, 0.8, 0.85, 0.8 -> stops at the end of epoch 4
+    (step 8) with patience 2; a strictly lower mean resets the count."""
+    trainer = SimpleNamespace(cfg=SimpleNamespace(OPTIM=SimpleNamespace(EARLY_STOP_EPOCHS=2)))
+    ctx = FitContext(trainer, None, None, None, None, None, [], total=100, epoch_steps=2)
+    hook, stopped_at = EarlyStopHook(), None
+    for step, loss in enumerate([1.0, 1.0, 0.7, 0.9, 0.8, 0.9, 0.9, 0.7, 0.1, 0.1]):
+        ctx.step, ctx.global_loss = step, torch.tensor(loss)
+        hook.after_step(ctx)
+        if ctx.stop:
+            stopped_at = step + 1
+            break
+    assert stopped_at == 8 and ctx.early_stop["best"] == pytest.approx(0.8)
+    assert ctx.early_stop["stale"] == 2
 
 
 def test_epochs_give_epochs_times_batches_per_epoch(fast_opts):

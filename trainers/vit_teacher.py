@@ -145,6 +145,9 @@ class ViTTeacher(TrainerBase):
         node.DROPOUT = 0.1  # dropout inside the MLP head
         node.PROBE_AUGMENT = "none"  # linear_probe: "none" (fixed features, CervixFM), "crop_flip"
         node.EPOCHS = 0  # > 0: iterations = EPOCHS x ceil(N / batch) (CervixFM 1000); 0 = OPTIM's
+        # with EPOCHS: the cosine's T_max = EPOCHS x N // OPTIM.BATCH_SIZE, as CervixFM's
+        # CDetector_train.py:66 (shorter than the run when N < batch: the lr rises again)
+        node.SOURCE_T_MAX = False
         add_sampler_keys(node)
         return node
 
@@ -230,6 +233,13 @@ class ViTTeacher(TrainerBase):
             return super().num_iterations()
         batch = min(optim.BATCH_SIZE, max(1, self.train_size))
         return self.node.EPOCHS * math.ceil(max(1, self.train_size) / batch)
+
+    def num_cosine_iterations(self, total: int, warmup: int) -> int:
+        """SOURCE_T_MAX with EPOCHS: EPOCHS x N // OPTIM.BATCH_SIZE (CervixFM's T_max, from the
+        full batch size even when N is smaller); otherwise OPTIM's."""
+        if self.node.SOURCE_T_MAX and self.node.EPOCHS and not self.cfg.OPTIM.COSINE_ITERS:
+            return max(1, self.node.EPOCHS * self.train_size // self.cfg.OPTIM.BATCH_SIZE)
+        return super().num_cosine_iterations(total, warmup)
 
     def augment(self, images: torch.Tensor, indices: np.ndarray) -> torch.Tensor:
         """No crops for the fixed-feature probe (its features do not come from these images)."""
