@@ -119,7 +119,8 @@ def run(argv: list[str] | None = None) -> int:
         path, table = write_report(args.report, primary=args.metric, compare_with=args.compare)
         print(f"{table}\n\nreport: {path}")
         return 0
-    choose_wait_policy()  # before the plugins import torch: passive OpenMP waits on busy CPUs
+    if not (args.dry_run or args.list_models):  # a command that computes: before torch loads
+        choose_wait_policy()  # passive OpenMP waits on busy CPUs
     load_installed_plugins()  # the built-in datasets and trainers, and installed plugin packages
     if args.list_models:
         from fewclip.catalogue import describe_models

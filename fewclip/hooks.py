@@ -68,9 +68,9 @@ class FitContext:
     )
     history: list[dict[str, Any]] = field(default_factory=list)
     # OPTIM.EARLY_STOP_EPOCHS: the best epoch-mean loss (None: no epoch yet), epochs since it,
-    # and the running sum and step count of the current epoch
+    # and the loss summed over the current epoch's steps
     early_stop: dict[str, Any] = field(
-        default_factory=lambda: {"best": None, "stale": 0, "sum": 0.0, "steps": 0}
+        default_factory=lambda: {"best": None, "stale": 0, "sum": 0.0}
     )
     stop: bool = False  # set by a hook in after_step: this step is the last
 
@@ -97,21 +97,17 @@ class Hook:
     def on_fit_end(self, ctx: FitContext, report: dict[str, Any]) -> None: ...
 
 
-def compute_lr_factor(
-    step: int, total: int, warmup: int, min_ratio: float, period: int = 0
-) -> float:
-    """Linear warm-up then cosine from 1 to `min_ratio` over the remaining steps (per iteration).
+def compute_lr_factor(step: int, warmup: int, min_ratio: float, period: int) -> float:
+    """Linear warm-up, then cosine from 1 to `min_ratio` over `period` steps (per iteration).
 
-    period > 0: the cosine reaches `min_ratio` after `period` steps past the warm-up and, when
-    the run is longer, rises again along the same cosine: torch's CosineAnnealingLR with
-    T_max = period, whose closed form its recursive update follows past T_max too.
+    The cosine reaches `min_ratio` `period` steps past the warm-up (the trainer's
+    `num_cosine_iterations`: by default the rest of the run) and, in a longer run, rises again
+    along the same cosine: torch's CosineAnnealingLR with T_max = period, whose closed form its
+    recursive update follows past T_max too.
     """
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    if period > 0:
-        progress = (step - warmup) / period
-    else:
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = (step - warmup) / period
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -125,7 +121,7 @@ class LearningRateHook(Hook):
         min_ratio = optim.MIN_LR / optim.LR if optim.LR > 0 else 0.0
         warmup = ctx.trainer.num_warmup_iterations(ctx.total)
         period = ctx.trainer.num_cosine_iterations(ctx.total, warmup)
-        lr = optim.LR * compute_lr_factor(ctx.step, ctx.total, warmup, min_ratio, period)
+        lr = optim.LR * compute_lr_factor(ctx.step, warmup, min_ratio, period)
         if ctx.step < warmup and optim.WARMUP_CONSTANT_LR > 0:
             lr = optim.WARMUP_CONSTANT_LR
         for group in ctx.optimizer.param_groups:
@@ -145,11 +141,10 @@ class EarlyStopHook(Hook):
             return
         state = ctx.early_stop
         state["sum"] += float(ctx.global_loss.detach())
-        state["steps"] += 1
-        if state["steps"] < ctx.epoch_steps:
+        if (ctx.step + 1) % ctx.epoch_steps:
             return
-        mean = state["sum"] / state["steps"]
-        state["sum"], state["steps"] = 0.0, 0
+        mean = state["sum"] / ctx.epoch_steps
+        state["sum"] = 0.0
         if state["best"] is None or mean < state["best"]:
             state["best"], state["stale"] = mean, 0
             return

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -157,8 +158,6 @@ def choose_wait_policy(
     A policy the user set is kept. Returns the policy set, or None when nothing was set (idle
     CPUs, a user's own choice, or no /proc/stat). Changes speed only, never a result.
     """
-    import time
-
     environ = os.environ if environ is None else environ
     if WAIT_POLICY in environ:
         return None
