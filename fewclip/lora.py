@@ -1,20 +1,23 @@
-"""LoRA on the exact Linear layers of open_clip's transformer blocks, through peft.
+"""LoRA on the exact Linear layers of a CLIP's transformer blocks.
 
-The selection (encoder, blocks, projections) comes from the LORA config node and is turned into
-an anchored regex of full module names: peft matches a *list* of names by suffix, and the text
-tower's names ("transformer.resblocks.0...") are suffixes of the vision tower's
-("visual.transformer.resblocks.0..."), so a list would leak LoRA into the other encoder.
-Attention must be split (fewclip.attention) first: peft 0.21 applies LoRA on
-`nn.MultiheadAttention.out_proj` twice, so MultiheadAttention is never targeted, and timm's fused
-`qkv` would take one LoRA for q, k and v together. Which Linear a target (q, k, v, out, mlp)
-names in each tower comes from the model's family (fewclip.families), the same on every family.
+The selection (encoder, blocks, projections) comes from the LORA config node as full module
+names, so a text-tower name ("transformer.resblocks.0...") never reaches its vision twin
+("visual.transformer.resblocks.0..."). Attention must be split (fewclip.attention) first: stock
+`nn.MultiheadAttention` runs q, k, v through the functional API, and timm's fused `qkv` would
+take one LoRA for q, k and v together. Which Linear a target (q, k, v, out, mlp) names in each
+tower comes from the model's family (fewclip.families), the same on every family.
+
+`LoRALinear` is our own layer, not peft's: importing peft (with the transformers modelling and
+quantizer modules it loads) cost a one-off run about a second, more than its model compute. It
+keeps peft's parameter names (`base_layer.weight`, `lora_A.default.weight`, ...), initialisation,
+random-number draws and forward, so adapter files and checkpoints written through peft load
+unchanged and a seed gives the same run; tests/test_lora.py checks it against peft 0.21.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -27,9 +30,10 @@ from fewclip.attention import split_attention
 from fewclip.families import LORA_TARGET_NAMES, family_of
 
 ENCODERS = {"vision": ("vision",), "text": ("text",), "both": ("vision", "text")}
-# LORA.SCALING -> peft's use_rslora: False = alpha / r (LoRA, Hu et al. 2021), True = alpha /
-# sqrt(r) (rsLoRA; CLIP-LoRA's loralib: MaxZanella/CLIP-LoRA loralib/layers.py:42)
+# LORA.SCALING: alpha / r (LoRA, Hu et al. 2021; peft's default) or alpha / sqrt(r) (rsLoRA,
+# peft's use_rslora; CLIP-LoRA's loralib: MaxZanella/CLIP-LoRA loralib/layers.py:42)
 SCALINGS = {"alpha_over_r": False, "alpha_over_sqrt_r": True}
+ADAPTER = "default"  # the one adapter's key in the parameter names, as peft names it
 CONFIG_KEYS = (
     "ENCODER", "LAYERS", "TOP_K", "TARGETS", "RANK", "ALPHA", "DROPOUT", "TEXT_RANK", "SCALING"
 )  # fmt: skip
@@ -41,6 +45,53 @@ def compute_lora_scaling(alpha: float, rank: int, scaling: str) -> float:
     if scaling not in SCALINGS:
         raise ValueError(f"LORA.SCALING {scaling!r} is not one of {', '.join(SCALINGS)}")
     return alpha / math.sqrt(rank) if SCALINGS[scaling] else alpha / rank
+
+
+class LoRALinear(nn.Module):
+    """y = W x + b + s B A(dropout(x)) around a frozen `nn.Linear` (`base_layer`).
+
+    A (rank, in) is Kaiming-uniform (a = sqrt(5), as nn.Linear and loralib), B (out, rank) zero,
+    so the layer starts as its base. A is drawn twice, as peft draws it (its nn.Linear init, then
+    `reset_lora_parameters`): the same random stream, so a seed gives the run it gave with peft.
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.rank, self.scaling = rank, scaling
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        a = nn.Linear(base.in_features, rank, bias=False)
+        b = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        nn.init.zeros_(b.weight)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.ModuleDict({ADAPTER: a.to(**like)})
+        self.lora_B = nn.ModuleDict({ADAPTER: b.to(**like)})
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads a Linear's weight (its dtype) still can
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        a, b = self.lora_A[ADAPTER], self.lora_B[ADAPTER]
+        x = x.to(a.weight.dtype)  # no-op unless autocast fed a lower-precision input
+        return (result + b(a(self.lora_dropout(x))) * self.scaling).to(result.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s B A, (out, in), in the base weight's dtype (computed in fp32 for half on CPU)."""
+        a, b = self.lora_A[ADAPTER].weight, self.lora_B[ADAPTER].weight
+        half_on_cpu = b.device.type == "cpu" and b.dtype in (torch.float16, torch.bfloat16)
+        if half_on_cpu:
+            a, b = a.float(), b.float()
+        return (b @ a * self.scaling).to(self.base_layer.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scaling={self.scaling:g}"
 
 
 def select_lora_modules(model: nn.Module, lora_cfg: CfgNode) -> dict[str, list[str]]:
@@ -122,22 +173,19 @@ def apply_lora(model: nn.Module, lora_cfg: CfgNode) -> list[str]:
     split_attention(model)  # no-op when already split
     selected = select_lora_modules(model, lora_cfg)
     names = [name for encoder_names in selected.values() for name in encoder_names]
-    text_rank = lora_cfg.TEXT_RANK or lora_cfg.RANK
-    from peft import LoraConfig, inject_adapter_in_model  # here: `fewclip --dry-run` skips peft
-
-    config = LoraConfig(
-        r=lora_cfg.RANK,
-        lora_alpha=lora_cfg.ALPHA,
-        lora_dropout=lora_cfg.DROPOUT,
-        target_modules="|".join(re.escape(name) for name in names),  # str = fullmatch in peft
-        # peft tries rank patterns as suffixes too; "^" keeps a text name off its vision twin
-        rank_pattern={"^" + re.escape(name): text_rank for name in selected.get("text", [])},
-        bias="none",
-        use_rslora=SCALINGS[scaling],
-    )
+    ranks = dict.fromkeys(names, lora_cfg.RANK)
+    ranks.update(dict.fromkeys(selected.get("text", []), lora_cfg.TEXT_RANK or lora_cfg.RANK))
     training = model.training
-    inject_adapter_in_model(config, model)
-    model.train(training)  # new LoRA dropouts follow the model's mode
+    # in the model's module order, as peft injects: the random draws follow the same sequence
+    for name in [name for name, _ in model.named_modules() if name in ranks]:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        rank = ranks[name]
+        layer = LoRALinear(
+            getattr(parent, attribute), rank,
+            compute_lora_scaling(lora_cfg.ALPHA, rank, scaling), lora_cfg.DROPOUT,
+        )  # fmt: skip
+        setattr(parent, attribute, layer.train(training))  # LoRA dropout follows the model's mode
     model.fewclip_lora_config = {
         key: _plain(lora_cfg[key]) for key in CONFIG_KEYS if key in lora_cfg
     }
@@ -201,16 +249,15 @@ def load_adapter(model: nn.Module, path: str | Path) -> None:
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA delta into its base Linear and put the plain Linear back in its place."""
-    from peft.tuners.lora import LoraLayer
-
     wrapped = [
-        (name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)
+        (name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)
     ]
     for name, module in wrapped:
-        module.merge()
+        with torch.no_grad():
+            module.base_layer.weight += module.delta_weight()
         parent_name, _, attribute = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attribute, module.get_base_layer())
+        setattr(parent, attribute, module.base_layer)
     if hasattr(model, "fewclip_lora_config"):
         del model.fewclip_lora_config
 

@@ -19,7 +19,10 @@ from fewclip.files import write_atomic_bytes
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
 COMPLETE, FAILED, DIVERGED, RUNNING = "complete", "failed", "diverged", "running"
-PACKAGES = ("torch", "torchvision", "open_clip_torch", "peft", "yacs", "numpy", "scikit-learn")
+PACKAGES = (
+    "torch", "torchvision", "open_clip_torch", "timm", "transformers", "yacs", "numpy",
+    "scikit-learn",
+)  # fmt: skip
 
 
 def write_results(run_dir: str | Path, payload: dict[str, Any]) -> Path:

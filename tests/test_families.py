@@ -12,6 +12,7 @@ import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_lora import assert_same_state, assert_same_training_step, lora_twins
 from test_trainers import PACKAGE_TRAINERS, check_trainer_contract, recipe_for
 from timm.layers import Attention
 from yacs.config import CfgNode
@@ -300,6 +301,21 @@ def test_lora_on_the_resnet_twin_adapts_its_attention_pool(resnet_twin):
     assert adapted == [f"visual.attnpool.{n}_proj" for n in ("c", "k", "q", "v")]
     unmerged = assert_merged_equals_unmerged(model, images)
     assert not torch.allclose(unmerged, before)  # the LoRA layers are on the forward path
+
+
+def test_lora_on_every_twin_equals_peft_draw_for_draw(twin):
+    build = lambda: build_clip(model_cfg(f"local-dir:{twin}"))  # noqa: E731
+    config = lora_cfg(ENCODER="both", TARGETS=["q", "v", "out"], RANK=3, DROPOUT=0.1)
+    ours, reference = lora_twins(build, config)
+    assert_same_state(ours.model, reference.model)
+    for model in (ours.model, reference.model):
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if ".lora_B." in name:
+                    parameter.copy_(torch.linspace(-0.2, 0.2, parameter.numel()).view_as(parameter))
+    images = torch.randn(2, 3, ours.image_size, ours.image_size)
+    tokens = ours.tokenizer(["abnormal cells", "normal"])
+    assert_same_training_step(ours.model, reference.model, images, tokens)
 
 
 # ----- every registered trainer on the twin --------------------------------------------------

@@ -6,25 +6,29 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from peft.tuners.lora import LoraLayer
+from peft import LoraConfig, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fewclip.attention import split_attention
 from fewclip.augment import augment_batch
 from fewclip.backbones import build_clip
 from fewclip.config import ConfigError, build_config, get_cfg_defaults
 from fewclip.lora import (
+    LoRALinear,
     apply_lora,
     compute_lora_scaling,
     load_adapter,
     lora_state_dict,
     merge_lora,
     save_adapter,
+    select_lora_modules,
 )
 from fewclip.prompts import build_default_prompts
 from fewclip.run import execute_run
@@ -106,7 +110,7 @@ def test_vision_lora_leaves_text_encoder_untouched():
         bundle.model, lora_cfg(ENCODER="vision", TARGETS=["q", "k", "v", "out", "mlp"])
     )
     assert len(names) == 2 * 2 * 6 and all(name.startswith("visual.") for name in names)
-    assert not any(isinstance(module, LoraLayer) for module in bundle.model.transformer.modules())
+    assert not any(isinstance(module, LoRALinear) for module in bundle.model.transformer.modules())
     randomise_lora_b(bundle.model)
     image_features, text_features = encode(bundle)
     assert torch.equal(text_features, before[1])
@@ -153,7 +157,7 @@ def test_merge_folds_deltas_into_plain_linears():
     with_lora = encode(bundle)
     assert max_difference(with_lora, encode(tiny())) > 1e-3
     merge_lora(bundle.model)
-    assert not any(isinstance(module, LoraLayer) for module in bundle.model.modules())
+    assert not any(isinstance(module, LoRALinear) for module in bundle.model.modules())
     assert set(bundle.model.state_dict()) == set(tiny().model.state_dict())
     assert type(bundle.model.visual.transformer.resblocks[0].attn.q_proj) is torch.nn.Linear
     assert max_difference(with_lora, encode(bundle)) < 1e-5
@@ -186,12 +190,12 @@ def hand_made(shape, offset):
 
 
 def set_hand_made_lora(layer, offset):
-    """Give one peft LoRA Linear hand-made A (r, in) and B (out, r); return (W, b, A, B)."""
+    """Give one LoRA Linear hand-made A (r, in) and B (out, r); return (W, b, A, B)."""
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
         a.copy_(hand_made(a.shape, offset))
         b.copy_(hand_made(b.shape, offset + 1.0))
-    base = layer.get_base_layer()
+    base = layer.base_layer
     return base.weight.detach(), base.bias.detach(), a.detach().clone(), b.detach().clone()
 
 
@@ -264,6 +268,134 @@ def test_old_adapter_without_scaling_loads_as_alpha_over_r(tmp_path):
     fresh = tiny()
     load_adapter(fresh.model, tmp_path / "old.safetensors")
     assert max_difference(expected, encode(fresh)) == 0.0
+
+
+# ----- fewclip's LoRA layer against peft 0.21, the library it replaced --------------------------
+def inject_with_peft(model, config):
+    """LoRA through peft, as fewclip.lora did before it had its own layer: the same selection,
+    given to peft as one anchored regex, the text rank as a rank pattern."""
+    split_attention(model)
+    selected = select_lora_modules(model, config)
+    names = [name for encoder_names in selected.values() for name in encoder_names]
+    text_rank = config.TEXT_RANK or config.RANK
+    peft_config = LoraConfig(
+        r=config.RANK, lora_alpha=config.ALPHA, lora_dropout=config.DROPOUT,
+        target_modules="|".join(re.escape(name) for name in names),
+        rank_pattern={"^" + re.escape(name): text_rank for name in selected.get("text", [])},
+        bias="none", use_rslora=config.SCALING == "alpha_over_sqrt_r",
+    )  # fmt: skip
+    inject_adapter_in_model(peft_config, model)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def merge_with_peft(model):
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        module.merge()
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, module.get_base_layer())
+
+
+def lora_twins(build, config, seed=11):
+    """The same model built twice from one seed, LoRA injected by fewclip and by peft."""
+    torch.manual_seed(seed)
+    ours = build()
+    apply_lora(ours.model, config)
+    torch.manual_seed(seed)
+    reference = build()
+    inject_with_peft(reference.model, config)
+    return ours, reference
+
+
+def assert_same_state(first, second):
+    one, two = first.state_dict(), second.state_dict()
+    assert list(one) == list(two)  # the same names in the same order: files and optimisers agree
+    different = [name for name in one if not torch.equal(one[name], two[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def assert_same_training_step(ours, reference, images, tokens):
+    """Dropout on, the same random stream: outputs and every LoRA gradient bit for bit."""
+    outputs = []
+    for model in (ours, reference):
+        model.train()
+        torch.manual_seed(5)
+        image, text = model.encode_image(images), model.encode_text(tokens)
+        (image.square().sum() + (image @ text.T).sum()).backward()
+        outputs.append((image.detach(), text.detach()))
+    assert torch.equal(outputs[0][0], outputs[1][0]) and torch.equal(outputs[0][1], outputs[1][1])
+    grads = dict(reference.named_parameters())
+    checked = 0
+    for name, parameter in ours.named_parameters():
+        assert parameter.requires_grad == grads[name].requires_grad, name
+        if parameter.requires_grad:
+            assert torch.equal(parameter.grad, grads[name].grad), name
+            checked += 1
+    assert checked == len(lora_state_dict(ours))
+
+
+LORA_CASES = {
+    "both encoders, every target, text rank, dropout, rsLoRA": dict(
+        ENCODER="both", TARGETS=["q", "k", "v", "out", "mlp"], RANK=4, TEXT_RANK=3,
+        ALPHA=2.0, DROPOUT=0.25, SCALING="alpha_over_sqrt_r",
+    ),
+    "vision top block, v before q, alpha / r": dict(
+        ENCODER="vision", TOP_K=1, TARGETS=["v", "q"], RANK=2, ALPHA=4.0, DROPOUT=0.0
+    ),
+    "text layer 0, out and mlp": dict(ENCODER="text", LAYERS=[0], TARGETS=["out", "mlp"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", LORA_CASES)
+def test_lora_equals_peft_draw_for_draw_in_training_under_autocast_and_merged(case):
+    config = lora_cfg(**LORA_CASES[case])
+    ours, reference = lora_twins(tiny, config)
+    assert_same_state(ours.model, reference.model)  # same names, same random A, zero B
+    for model in (ours.model, reference.model):
+        randomise_lora_b(model)  # non-zero deltas from here on
+    tokens = ours.tokenizer(TEXTS)
+    assert_same_training_step(ours.model, reference.model, IMAGES, tokens)
+    for model in (ours.model, reference.model):
+        model.eval()
+    models = (ours.model, reference.model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = [(model.encode_image(IMAGES), model.encode_text(tokens)) for model in models]
+    assert low[0][0].dtype == torch.bfloat16
+    assert torch.equal(low[0][0], low[1][0]) and torch.equal(low[0][1], low[1][1])
+    merge_lora(ours.model)
+    merge_with_peft(reference.model)
+    assert_same_state(ours.model, reference.model)
+
+
+def test_adapter_written_through_peft_loads_and_gives_the_same_features(tmp_path):
+    config = lora_cfg(**LORA_CASES["both encoders, every target, text rank, dropout, rsLoRA"])
+    _, reference = lora_twins(tiny, config)
+    randomise_lora_b(reference.model)
+    reference.model.eval()
+    expected = encode(reference)
+    save_adapter(reference.model, tmp_path / "peft.safetensors")  # peft's names, as before
+    fresh = tiny()
+    apply_lora(fresh.model, config)
+    load_adapter(fresh.model, tmp_path / "peft.safetensors")
+    assert max_difference(expected, encode(fresh)) == 0.0
+
+
+def test_lora_layer_reads_as_its_base_linear_and_prints_rank_and_scale():
+    base = torch.nn.Linear(6, 5)
+    layer = LoRALinear(base, rank=2, scaling=0.5, dropout=0.1)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert layer.lora_A["default"].weight.shape == (2, 6)
+    assert not layer.lora_B["default"].weight.any()
+    assert "rank=2, scaling=0.5" in repr(layer)
+    half = LoRALinear(torch.nn.Linear(6, 5).to(torch.bfloat16), rank=2, scaling=1.0, dropout=0.0)
+    assert half.lora_A["default"].weight.dtype == torch.bfloat16  # the base layer's dtype, as peft
+    with torch.no_grad():
+        half.lora_B["default"].weight.fill_(0.25)
+    a, b = half.lora_A["default"].weight.float(), half.lora_B["default"].weight.float()
+    assert half.delta_weight().dtype == torch.bfloat16
+    assert torch.equal(half.delta_weight(), (b @ a).to(torch.bfloat16))  # fp32 sum, then cast
 
 
 @pytest.mark.parametrize(

@@ -79,7 +79,7 @@ def test_trains_exactly_lora_projection_prototypes_and_pooling(pooling):
     expected = vision_lora_names() | {"clip.visual.proj", "prototypes.weight"} | built
     assert trainable_names(trainer) == expected
     lora = trainer.clip.visual.transformer.resblocks[0].attn.q_proj
-    assert lora.r["default"] == 8 and lora.scaling["default"] == pytest.approx(4 / 8)
+    assert lora.rank == 8 and lora.scaling == pytest.approx(4 / 8)
 
 
 def test_cls_pooling_text_lora_and_frozen_projection_change_the_trainable_set():
@@ -90,7 +90,7 @@ def test_cls_pooling_text_lora_and_frozen_projection_change_the_trainable_set():
     expected = vision_lora_names([1]) | vision_lora_names([1], "") | {"prototypes.weight"}
     assert trainable_names(trainer) == expected
     assert "pooling" not in trainer.network
-    assert trainer.clip.transformer.resblocks[1].attn.q_proj.r["default"] == 2
+    assert trainer.clip.transformer.resblocks[1].attn.q_proj.rank == 2
 
 
 def test_step_updates_trainables_only_and_optimizer_gets_each_parameter_once():
