@@ -3,8 +3,9 @@
     HF_HUB_OFFLINE=1 .venv/bin/python tools/benchmark_startup.py   # ~1 min on 2 idle cores
     HF_HUB_OFFLINE=1 .venv/bin/python tools/benchmark_startup.py --repeats 5
 
-Every measurement is a whole fresh process, and the repeats are interleaved (bare, --help,
---dry-run, one run, bare, ...) so a busy machine slows them alike; each row is the median.
+Every measurement is a whole fresh process, and the repeats are interleaved (--help, --dry-run,
+bare imports, one run, --help, ...) so a busy machine slows them alike; each row is the median.
+Each run is also paired with the bare imports timed just before it.
 The baseline is `python -c "import torch, open_clip"` (and `import torch` alone for `--help`).
 
 - `--help` and `--dry-run` (the demo sweep's 18 cells): wall time.
@@ -77,16 +78,16 @@ def measure(repeats: int, work: Path) -> dict[str, list[float]]:
     run_once(work, 0, "", env)
     (data_root,) = [str(path) for path in (work / "cache0" / "synthetic").iterdir()]
     for repeat in range(1, repeats + 1):
+        for name, code in (("bare RSS", f"{BARE}; {RSS}"), ("run RSS", f"{RUN_IMPORTS}; {RSS}")):
+            rows.setdefault(name, []).append(int(timed([python, "-c", code], env)[1]) / 1024)
         steps = {
             "import torch": [python, "-c", "import torch"],
-            "bare imports": [python, "-c", BARE],
             "--help": [python, "run_shell.py", "--help"],
             "--dry-run": [python, "run_shell.py", "--dry-run", "OUTPUT_DIR", str(work / "dry")],
+            "bare imports": [python, "-c", BARE],  # last: right before the run it is paired with
         }
         for name, command in steps.items():
             rows.setdefault(name, []).append(timed(command, env)[0])
-        for name, code in (("bare RSS", f"{BARE}; {RSS}"), ("run RSS", f"{RUN_IMPORTS}; {RSS}")):
-            rows.setdefault(name, []).append(int(timed([python, "-c", code], env)[1]) / 1024)
         for name, value in run_once(work, repeat, data_root, env).items():
             rows.setdefault(f"run {name}", []).append(value)
     return rows
@@ -98,12 +99,13 @@ def report(rows: dict[str, list[float]], repeats: int) -> str:
     budget = bare + median["run compute"]
     # each repeat's run against the bare imports timed next to it: drift on a busy machine
     # cancels within a pair, so the median of these ratios is steadier than a ratio of medians
-    paired = statistics.median(
+    pairs = [
         wall / (imports + compute)
         for wall, imports, compute in zip(
             rows["run wall"], rows["bare imports"], rows["run compute"]
         )
-    )
+    ]
+    paired = statistics.median(pairs)
     help_s, rss, bare_rss = median["--help"], median["run RSS"], median["bare RSS"]
     lines = [
         f"medians of {repeats} interleaved repeats; {os.cpu_count()} CPUs, "
@@ -120,6 +122,9 @@ def report(rows: dict[str, list[float]], repeats: int) -> str:
         f"{median['run wall'] / budget:.2f}x (bare imports + its model compute "
         f"{median['run compute']:.2f} s = {budget:.2f} s); median of paired ratios "
         f"{paired:.2f}x (target <= 1.1x); decoding {median['run decoding']:.2f} s",
+        "  paired ratios, in run order: " + " ".join(f"{ratio:.2f}x" for ratio in pairs),
+        "  bare imports, in run order:  " + " ".join(f"{t:.2f}" for t in rows["bare imports"]),
+        "  one run, in run order:       " + " ".join(f"{t:.2f}" for t in rows["run wall"]),
     ]
     return "\n".join(lines)
 
