@@ -6,7 +6,7 @@ python run_shell.py --help         # every flag, with examples
 
 import sys
 
-from fewclip.cli import main
+from fewclip.cli import console
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

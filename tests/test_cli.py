@@ -108,3 +108,22 @@ def test_list_models_prints_families_models_and_the_trainers_that_apply(capsys):
     assert "ZeroShotCLIP" not in by_family["composed timm CNN + HF text (unaligned)"]
     assert by_family["image-only timm ViT (teacher)"] == ["ViTTeacher"]
     assert len(by_family["Hugging Face CLIPModel"]) == len(trainers)
+
+
+def test_console_returns_the_status_and_freezes_the_collector_for_a_quick_exit(
+    tmp_path, monkeypatch, capsys
+):
+    """The command's entry point: main's exit status, and everything alive moved to the
+    collector's permanent generation, so the interpreter's exit does not walk torch's objects."""
+    import gc
+
+    from fewclip.cli import console
+
+    monkeypatch.setattr(sys, "argv", ["fewclip", "--dry-run", "NO_SUCH.KEY", "1"])
+    gc.unfreeze()
+    try:
+        assert console() == 2  # a config error: main's status comes back
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # the test process goes on collecting
+    assert "config error: unknown config key NO_SUCH" in capsys.readouterr().err

@@ -14,6 +14,15 @@ The baseline is `python -c "import torch, open_clip"` (and `import torch` alone 
 - one tiny run (CLIP-LoRA, tiny-vit, 1 shot, synthetic data, a cold cache): wall time against
   bare imports + its own model compute (results.json train_seconds + evaluate_seconds).
 
+- interpreter exit: from the bare imports' last statement, and from the run's last file
+  (summary.md), to the process's end: `fewclip` freezes the collector before it exits
+  (fewclip.cli.console), the bare process walks every object once more.
+- the run's own work: its wall time less its exit, the bare imports' time to their last
+  statement and its model compute: what fewclip adds whatever the exit costs.
+
+Bytecode is cached as on a user's machine: PYTHONDONTWRITEBYTECODE is dropped (the warm-up run
+writes fewclip's .pyc files; pip wrote the installed packages' at install).
+
 Targets: `--help` < 1.5x `import torch`; the run <= 1.1x (bare imports + model compute).
 `--neighbours` instead times the demo sweep idle and with one CPU-burning process per usable
 CPU (target: <= 2.5x; ~5 min on 2 idle cores at --repeats 1).
@@ -34,6 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RSS = "print(int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM'))))"
 BARE = "import torch, open_clip"
+BARE_TIMED = f"{BARE}; import time; print(time.time())"  # prints when its last statement ran
 RUN_IMPORTS = (
     "import fewclip.cli; from fewclip.registry import load_installed_plugins; "
     "load_installed_plugins(); import fewclip.run"
@@ -49,12 +59,25 @@ TINY_RUN = [
 
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     """Wall seconds of one process (it must succeed) and its stdout."""
+    seconds, stdout, _ = timed_to_end(command, env)
+    return seconds, stdout
+
+
+def timed_to_end(command: list[str], env: dict[str, str]) -> tuple[float, str, float]:
+    """Wall seconds of one process (it must succeed), its stdout and the epoch time it ended."""
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+    ended, seconds = time.time(), time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:4])} ... failed:\n{done.stderr[-2000:]}")
-    return seconds, done.stdout
+    return seconds, done.stdout, ended
+
+
+def user_env() -> dict[str, str]:
+    """This environment as a user's: offline, bytecode cached."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
 
 
 def run_once(work: Path, index: int, data_root: str, env: dict[str, str]) -> dict[str, float]:
@@ -63,15 +86,26 @@ def run_once(work: Path, index: int, data_root: str, env: dict[str, str]) -> dic
     opts = ["OUTPUT_DIR", str(output), "CACHE_DIR", str(cache)]
     if data_root:
         opts += ["DATASET.ROOT", data_root]
-    seconds, _ = timed([sys.executable, "run_shell.py", *TINY_RUN, *opts], env)
+    seconds, _, ended = timed_to_end([sys.executable, "run_shell.py", *TINY_RUN, *opts], env)
     (results,) = output.rglob("results.json")
     timings = json.loads(results.read_text())["timings"]
     compute = timings["train_seconds"] + timings["evaluate_seconds"]
-    return {"wall": seconds, "compute": compute, "decoding": timings.get("decoding_seconds", 0.0)}
+    exit_seconds = ended - (output / "summary.md").stat().st_mtime  # its last file to its end
+    return {
+        "wall": seconds, "compute": compute, "decoding": timings.get("decoding_seconds", 0.0),
+        "exit": exit_seconds,
+    }  # fmt: skip
+
+
+def bare_once(env: dict[str, str]) -> dict[str, float]:
+    """`import torch, open_clip` in a fresh process: its wall time and its exit."""
+    seconds, stdout, ended = timed_to_end([sys.executable, "-c", BARE_TIMED], env)
+    exit_seconds = ended - float(stdout.split()[-1])
+    return {"imports": seconds, "exit": exit_seconds}
 
 
 def measure(repeats: int, work: Path) -> dict[str, list[float]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = user_env()
     python = sys.executable
     rows: dict[str, list[float]] = {}
     # a warm-up run generates the synthetic images once; later runs read them from DATASET.ROOT
@@ -84,10 +118,11 @@ def measure(repeats: int, work: Path) -> dict[str, list[float]]:
             "import torch": [python, "-c", "import torch"],
             "--help": [python, "run_shell.py", "--help"],
             "--dry-run": [python, "run_shell.py", "--dry-run", "OUTPUT_DIR", str(work / "dry")],
-            "bare imports": [python, "-c", BARE],  # last: right before the run it is paired with
         }
         for name, command in steps.items():
             rows.setdefault(name, []).append(timed(command, env)[0])
+        for name, value in bare_once(env).items():  # right before the run it is paired with
+            rows.setdefault(f"bare {name}", []).append(value)
         for name, value in run_once(work, repeat, data_root, env).items():
             rows.setdefault(f"run {name}", []).append(value)
     return rows
@@ -106,6 +141,14 @@ def report(rows: dict[str, list[float]], repeats: int) -> str:
         )
     ]
     paired = statistics.median(pairs)
+    owns = [  # the run's work beyond the bare imports (to their last statement)
+        (wall - run_exit) - (imports - bare_exit) - compute
+        for wall, run_exit, imports, bare_exit, compute in zip(
+            rows["run wall"], rows["run exit"], rows["bare imports"], rows["bare exit"],
+            rows["run compute"],
+        )
+    ]  # fmt: skip
+    own = statistics.median(owns)
     help_s, rss, bare_rss = median["--help"], median["run RSS"], median["bare RSS"]
     lines = [
         f"medians of {repeats} interleaved repeats; {os.cpu_count()} CPUs, "
@@ -122,9 +165,15 @@ def report(rows: dict[str, list[float]], repeats: int) -> str:
         f"{median['run wall'] / budget:.2f}x (bare imports + its model compute "
         f"{median['run compute']:.2f} s = {budget:.2f} s); median of paired ratios "
         f"{paired:.2f}x (target <= 1.1x); decoding {median['run decoding']:.2f} s",
+        f"interpreter exit             bare imports {median['bare exit']:.2f} s, "
+        f"one run {median['run exit']:.2f} s (frozen collector)",
+        f"the run's own work           {own:.2f} s beyond the bare imports (less their exit) and "
+        f"its model compute: {own / (bare - median['bare exit'] + median['run compute']):.2f}x"
+        " of them",
         "  paired ratios, in run order: " + " ".join(f"{ratio:.2f}x" for ratio in pairs),
         "  bare imports, in run order:  " + " ".join(f"{t:.2f}" for t in rows["bare imports"]),
         "  one run, in run order:       " + " ".join(f"{t:.2f}" for t in rows["run wall"]),
+        "  its own work, in run order:  " + " ".join(f"{t:.2f}" for t in owns),
     ]
     return "\n".join(lines)
 
@@ -140,7 +189,7 @@ def measure_neighbours(repeats: int, work: Path) -> str:
     per usable CPU, interleaved; the ratio of the medians (target <= 2.5x)."""
     from fewclip.threads import available_cpus
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = user_env()
     cpus = available_cpus()
     times: dict[str, list[float]] = {"idle": [], "loaded": []}
     for repeat in range(repeats + 1):  # repeat 0 warms the cache (images, split files)
