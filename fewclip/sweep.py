@@ -9,6 +9,8 @@ again in a fresh pool. Finished cells are never lost: each wrote its results.jso
 
 from __future__ import annotations
 
+import atexit
+import gc
 import itertools
 import json
 import logging
@@ -306,6 +308,7 @@ def _init_worker(
     restore_plugins(plugins)  # the datasets and trainers the parent registered
     set_torch_threads(threads, automatic=True)  # before any torch work: inter-op threads too
     signal.signal(signal.SIGTERM, _on_terminate)
+    atexit.register(gc.freeze)  # a quick exit, as the command's (fewclip.cli.console)
 
 
 def _on_terminate(signum: int, frame: Any) -> None:
