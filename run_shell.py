@@ -6,7 +6,9 @@ python run_shell.py --help         # every flag, with examples
 
 import sys
 
-from fewclip.cli import console
+from fewclip.cli import console, main
+
+__all__ = ["main"]  # run_shell.main(argv): the command from Python, without the quick exit
 
 if __name__ == "__main__":
     sys.exit(console())
