@@ -232,10 +232,14 @@ def aggregate_folder(root: str | Path, metrics: tuple[str, ...] = DEFAULT_METRIC
 
 def write_summary(root: str | Path, metrics: tuple[str, ...] = DEFAULT_METRICS) -> dict[str, str]:
     """Aggregate `root` and write summary.md and summary.csv beside the run folders."""
+    tables = render_tables(aggregate_folder(root, metrics), metrics)
+    write_tables(root, tables)
+    return tables
+
+
+def write_tables(root: str | Path, tables: dict[str, str]) -> None:
+    """Write `render_tables`' markdown and csv as summary.md and summary.csv in `root`."""
     from fewclip.files import write_atomic_bytes
 
-    tables = render_tables(aggregate_folder(root, metrics), metrics)
-    root = Path(root)
-    write_atomic_bytes(root / "summary.md", tables["markdown"].encode())
-    write_atomic_bytes(root / "summary.csv", tables["csv"].encode())
-    return tables
+    write_atomic_bytes(Path(root) / "summary.md", tables["markdown"].encode())
+    write_atomic_bytes(Path(root) / "summary.csv", tables["csv"].encode())

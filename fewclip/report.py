@@ -19,6 +19,7 @@ from fewclip.aggregate import (
     collect_results,
     find_missing,
     render_tables,
+    write_tables,
 )
 from fewclip.aggregate import aggregate as aggregate_records
 from fewclip.compare import compare_records, render_comparison
@@ -147,8 +148,7 @@ def write_report(
     records = collect_results(root)
     result = aggregate_records(records, metrics, find_missing(root))
     tables = render_tables(result, metrics)
-    write_atomic_bytes(root / "summary.md", tables["markdown"].encode())
-    write_atomic_bytes(root / "summary.csv", tables["csv"].encode())
+    write_tables(root, tables)
     statuses = [record.get("status") for record in records]
     counts = (
         f"{statuses.count('complete')} complete, "
