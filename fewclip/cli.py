@@ -223,10 +223,10 @@ def console() -> int:
     """Entry point of the `fewclip` command and run_shell.py: `main`, then a quick exit.
 
     What is still alive when the command is done moves to the collector's permanent generation
-    (gc.freeze), so the interpreter's exit does not walk it again: that final collection over
-    torch's and open_clip's objects took 1.1-1.5 s of every command that built a model (bare
-    `import torch, open_clip` exits in 1.5-1.9 s here, 0.4-0.5 s frozen). Exit still runs the
-    atexit handlers and flushes the standard streams, and the command's files are closed by then.
+    (gc.freeze), so the interpreter's exit does not walk it again: with torch and open_clip
+    loaded, exit took 1.5-2.0 s here, 0.3-0.5 s frozen (tools/benchmark_startup.py). Exit still
+    runs the atexit handlers and flushes the standard streams, and the command's files are
+    closed by then.
     """
     status = main()
     gc.freeze()
